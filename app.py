@@ -1,0 +1,100 @@
+"""ParaStep Studio: the app.
+
+    python app.py                          # rank 0 here + peers it spawns (GPUs, or --ranks CPU ranks)
+    torchrun --nproc_per_node=N app.py     # same app; rank 0 serves, the others follow
+
+Serves on 127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT respected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from launcher.models import BUILTIN_KINDS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to spawn when there is no GPU (default 2)")
+    parser.add_argument("--threads-per-rank", type=int, default=None,
+                        help="torch threads per CPU rank (default: the cores split between ranks)")  # fmt: skip
+    parser.add_argument("--model", action="append", default=[], metavar="ID_OR_PATH",
+                        help="a diffusers model id (from the local HF cache) or local path; repeatable")  # fmt: skip
+    parser.add_argument("--builtins", default=",".join(BUILTIN_KINDS),
+                        help="built-in demo models to load: comma-separated of image,video,audio, or 'none'")  # fmt: skip
+    parser.add_argument("--peer-timeout", type=float, default=30.0,
+                        help="seconds a ParaStep run waits on a peer before failing with an error naming it")  # fmt: skip
+    parser.add_argument("--share", action="store_true", help="create a public Gradio link")
+    args = parser.parse_args(argv)
+    args.builtins = [] if args.builtins.strip() in ("", "none") else [k.strip() for k in args.builtins.split(",")]
+    unknown = set(args.builtins) - set(BUILTIN_KINDS)
+    if unknown:
+        parser.error(f"--builtins: unknown kind(s) {sorted(unknown)}; choose from {list(BUILTIN_KINDS)}")
+    if not args.builtins and not args.model:
+        parser.error("nothing to serve: keep a built-in model or pass --model")
+    if args.ranks < 1:
+        parser.error("--ranks must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+
+    import torch.distributed as dist
+
+    from launcher import topology
+    from launcher.control import ControlChannel
+    from launcher.models import load_models
+
+    topo = topology.start(args.ranks, args.threads_per_rank, [os.path.abspath(__file__), *sys.argv[1:]])
+    channel = ControlChannel(dist.distributed_c10d._get_default_store(), topo.rank, topo.world_size)
+    if not topo.is_leader:
+        from launcher import peer
+
+        models = load_models(args.builtins, args.model, topo.device)
+        try:
+            peer.serve(topo, channel, models)
+        except (RuntimeError, ConnectionError) as exc:  # the store lives in rank 0: it is gone
+            logging.getLogger("app").warning("rank 0 is gone (%s); exiting", exc)
+            os._exit(0)
+        os._exit(0)  # never wait on a process-group teardown that may involve a dead rank
+
+    from launcher.backend import Backend
+    from ui.app import CSS, build_demo
+
+    # SIGTERM (e.g. from a test or a supervisor) must also take the spawned peers down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    backend = None
+    code = 0
+    try:
+        models = load_models(args.builtins, args.model, topo.device)
+        backend = Backend(topo, channel, models, peer_timeout_s=args.peer_timeout)
+        backend.start()
+        demo = build_demo(backend)
+        demo.queue(max_size=64).launch(
+            share=args.share or None,
+            css=CSS,
+            show_error=True,
+            footer_links=["api", "gradio"],
+        )
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    except BaseException:
+        logging.getLogger("app").exception("rank 0 failed")
+        code = 1
+    finally:
+        if backend is not None:
+            backend.close()
+        else:
+            topo.stop_children()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

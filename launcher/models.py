@@ -1,0 +1,185 @@
+"""Loading pipelines and calling them the same way on every rank."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.protocol import GenerateRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+BUILTIN_KINDS = ("image", "video", "audio")
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any
+    info: ModelInfo
+
+
+def builtin_name(kind: str) -> str:
+    return f"built-in {kind}"
+
+
+def load_models(builtins: list[str], extra: list[str], device: torch.device) -> dict[str, LoadedModel]:
+    """Load the built-in demo models (by kind) and diffusers models from the local HF cache.
+
+    Every rank calls this with the same arguments, so every rank holds the same models.
+    """
+    models: dict[str, LoadedModel] = {}
+    for kind in builtins:
+        from parastep import demo
+
+        pipe = demo.load_pipeline(kind)
+        name = builtin_name(kind)
+        models[name] = LoadedModel(_to_device(pipe, device), describe(name, pipe, kind))
+    for ident in extra:
+        from diffusers import DiffusionPipeline
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        try:
+            pipe = DiffusionPipeline.from_pretrained(ident, local_files_only=True, torch_dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - re-raised with what to do about it
+            raise SystemExit(
+                f"--model {ident!r}: could not load it from a local path or the local Hugging Face cache "
+                f"({type(exc).__name__}: {exc}). Download it first, e.g. `huggingface-cli download {ident}`."
+            ) from exc
+        models[ident] = LoadedModel(_to_device(pipe, device), describe(ident, pipe, None))
+    return models
+
+
+def _to_device(pipe: Any, device: torch.device) -> Any:
+    if device.type != "cpu":
+        pipe = pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call_params(pipe: Any) -> set[str]:
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
+    """Read what the UI needs from a pipeline: modality, defaults, size constraints."""
+    params = _call_params(pipe)
+    modality = kind or getattr(pipe, "modality", None)
+    if modality is None:
+        modality = "audio" if "audio_length_in_s" in params else "video" if "num_frames" in params else "image"
+    multiple = getattr(pipe, "size_multiple", None) or getattr(pipe, "vae_scale_factor", None) or 8
+    sample_rate = getattr(pipe, "sample_rate", None)
+    if sample_rate is None and getattr(pipe, "vocoder", None) is not None:
+        sample_rate = getattr(pipe.vocoder.config, "sampling_rate", None)
+    default_side = getattr(pipe, "default_size", None)
+    if default_side is None:
+        sample_size = getattr(getattr(denoiser_of(pipe), "config", None), "sample_size", None)
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        default_side = int(sample_size * multiple) if isinstance(sample_size, int) and kind is None else 32
+    return ModelInfo(
+        name=name,
+        modality=modality,
+        default_steps=int(getattr(pipe, "default_steps", 10)),
+        default_guidance=float(getattr(pipe, "default_guidance_scale", 3.0)),
+        size_multiple=int(multiple),
+        default_height=int(getattr(pipe, "default_height", default_side)) if modality != "audio" else None,
+        default_width=int(getattr(pipe, "default_width", default_side)) if modality != "audio" else None,
+        default_frames=int(getattr(pipe, "default_num_frames", 8)) if modality == "video" else None,
+        default_duration_s=float(getattr(pipe, "default_audio_length_in_s", 1.0)) if modality == "audio" else None,
+        sample_rate=int(sample_rate or 16000) if modality == "audio" else None,
+        max_side=int(getattr(pipe, "max_size", 1024 if kind is None else 256)),
+        max_frames=int(getattr(pipe, "max_num_frames", 64 if kind is None else 32)),
+        max_duration_s=float(getattr(pipe, "max_audio_length_in_s", 30.0 if kind is None else 10.0)),
+    )
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module | None:
+    for attr in ("transformer", "unet", "prior", "decoder"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+StepCallback = Callable[[int, Any], None]
+
+
+def call_pipeline(
+    model: LoadedModel,
+    req: GenerateRequest,
+    *,
+    latent_only: bool,
+    on_step: StepCallback | None = None,
+) -> tuple[Any, float]:
+    """Call the pipeline for ``req``; the same arguments on every rank. Returns (output, seconds)."""
+    pipe, info = model.pipe, model.info
+    params = _call_params(pipe)
+    kwargs: dict[str, Any] = {
+        "prompt": req.prompt,
+        "num_inference_steps": req.steps,
+        "guidance_scale": req.guidance_scale,
+        # A CPU generator draws the same noise on every rank and device.
+        "generator": torch.Generator(device="cpu").manual_seed(req.seed),
+        "output_type": "latent" if latent_only else "np",
+    }
+    if req.negative_prompt:
+        kwargs["negative_prompt"] = req.negative_prompt
+    if info.modality in ("image", "video"):
+        kwargs["height"], kwargs["width"] = req.height, req.width
+    if info.modality == "video":
+        kwargs["num_frames"] = req.num_frames
+    if info.modality == "audio":
+        kwargs["audio_length_in_s"] = req.duration_s
+    if on_step is not None and "callback_on_step_end" in params:
+
+        def _callback(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(step, tensors.get("latents"))
+            return tensors
+
+        kwargs["callback_on_step_end"] = _callback
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    kwargs = {k: v for k, v in kwargs.items() if k in params or "kwargs" in params}
+    start = time.perf_counter()
+    out = pipe(**kwargs)
+    return out, time.perf_counter() - start
+
+
+def extract_media(out: Any, modality: str) -> np.ndarray:
+    """The first sample of a pipeline output as float numpy: HxWx3, FxHxWx3 or a waveform."""
+    for attr in ("images", "frames", "audios"):
+        value = getattr(out, attr, None)
+        if value is None:
+            continue
+        first = value[0]
+        if isinstance(first, list):  # list of PIL frames
+            first = np.stack([np.asarray(f, dtype=np.float32) / 255.0 for f in first])
+        elif hasattr(first, "convert"):  # PIL image
+            first = np.asarray(first.convert("RGB"), dtype=np.float32) / 255.0
+        elif isinstance(first, torch.Tensor):
+            first = first.detach().float().cpu().numpy()
+        arr = np.asarray(first, dtype=np.float32)
+        if modality == "audio":
+            arr = arr.reshape(-1) if arr.ndim > 1 and min(arr.shape) == 1 else arr
+            return np.clip(arr, -1.0, 1.0)
+        return np.clip(arr, 0.0, 1.0)
+    raise RuntimeError(f"pipeline output {type(out).__name__} has no images, frames or audios")
+
+
+def preview_of(model: LoadedModel, latents: Any) -> np.ndarray | None:
+    """A cheap preview of the current latents, if the pipeline can make one."""
+    decode = getattr(model.pipe, "decode_preview", None)
+    if decode is None or latents is None:
+        return None
+    try:
+        return np.asarray(decode(latents), dtype=np.float32)
+    except Exception:  # noqa: BLE001 - a preview must never break a run
+        log.debug("preview failed", exc_info=True)
+        return None

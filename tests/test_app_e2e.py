@@ -1,0 +1,135 @@
+"""End to end through gradio_client: the launched app with 2 CPU ranks, every modality.
+
+One app for the module (launched once, ~1 minute on 2 cores); few steps, small sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from launcher.testing import shared_app
+
+APP_ARGS = ["--ranks", "2", "--threads-per-rank", "1"]
+STEPS, WARMUP = 6, 2
+PROMPTS = {
+    "image": "a large red circle in the center on a blue background",
+    "video": "a small yellow square moving left on a black background",
+    "audio": "a low sine tone",
+}
+# Output tuple of /generate and /compare: preview, left (image, video, audio), right (image, video,
+# audio), latency markdown, timeline plot, numbers (dict).
+MEDIA_INDEX = {"image": 0, "video": 1, "audio": 2}
+
+
+@pytest.fixture(scope="module")
+def client() -> Client:
+    app = shared_app(APP_ARGS)
+    return Client(app.url, verbose=False)
+
+
+def run(client: Client, endpoint: str, kind: str, **overrides: object) -> tuple:
+    args = {
+        "model": f"built-in {kind}", "prompt": PROMPTS[kind], "negative": "", "method": "parastep",
+        "warmup": WARMUP, "stride": 2, "steps": STEPS, "guidance": 3.0, "seed": 7,
+        "height": None, "width": None, "frames": None, "duration": None,
+    }  # fmt: skip
+    args.update(overrides)
+    return client.predict(*args.values(), api_name=endpoint)
+
+
+def media_path(value: object) -> str:
+    if isinstance(value, dict):  # gr.Video gives {"video": path, "subtitles": None}
+        value = value.get("video") or value.get("path")
+    assert isinstance(value, str) and os.path.getsize(value) > 0, value
+    return value
+
+
+def numbers(result: tuple) -> dict:
+    value = result[-1]
+    return json.loads(value) if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "audio"])
+def test_generate_parastep(client: Client, kind: str) -> None:
+    result = run(client, "/generate", kind)
+    path = media_path(result[1 + MEDIA_INDEX[kind]])
+    assert path.endswith({"image": ".png", "video": ".mp4", "audio": ".wav"}[kind])
+    assert all(result[4 + i] is None for i in range(3)), "generate fills only the left side"
+    stats = numbers(result)
+    calls = stats["model_calls_per_rank"]
+    assert stats["method"] == "parastep" and stats["ranks"] == 2 and len(calls) == 2
+    assert max(calls) < STEPS * 2, calls  # reuse happened: fewer calls than a baseline on each rank
+    assert stats["bytes_communicated"] > 0
+    assert stats["ideal_speedup"] == pytest.approx(STEPS / (WARMUP + (STEPS - WARMUP + 1) // 2))
+    assert "Wall time" in result[7]
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "audio"])
+def test_compare(client: Client, kind: str) -> None:
+    method = "batchstep" if kind == "audio" else "parastep"
+    result = run(client, "/compare", kind, method=method)
+    media_path(result[1 + MEDIA_INDEX[kind]])
+    media_path(result[4 + MEDIA_INDEX[kind]])
+    stats = numbers(result)
+    assert stats["baseline"]["method"] == "baseline" and stats["method"]["method"] == method
+    assert stats["baseline"]["wall_s"] > 0 and stats["method"]["wall_s"] > 0
+    assert stats["speedup"] == pytest.approx(stats["baseline"]["wall_s"] / stats["method"]["wall_s"], rel=0.02)
+    assert stats["ideal_speedup"] > 1
+    psnr = stats["psnr_db"]
+    assert psnr == "inf" or psnr > 5, psnr
+    assert -1 <= stats["ssim"] <= 1
+    panel = result[7]
+    for row in ("Wall time", "Speedup", "Ideal speedup", "Model calls per rank", "Bytes communicated", "PSNR", "SSIM"):
+        assert row in panel
+    print(f"\n{kind}: {json.dumps(stats)}")
+
+
+def test_image_output_is_upscaled_crisply(client: Client) -> None:
+    from PIL import Image
+
+    result = run(client, "/generate", "image", method="baseline")
+    picture = np.asarray(Image.open(media_path(result[1])))
+    assert min(picture.shape[:2]) >= 256
+    # nearest-neighbour: every pixel is repeated, so neighbours inside a block are equal
+    assert (picture[0::2] == picture[1::2]).all()
+
+
+BAD_INPUTS = [
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"prompt": "red " * 200}, "at most 400"),
+    ({"steps": 0}, "Steps must be between 1 and 200"),
+    ({"steps": 500}, "Steps must be between 1 and 200"),
+    ({"warmup": 6}, "Warm-up (6) must be smaller than steps (6)"),
+    ({"warmup": 0}, "ParaStep needs at least 1 warm-up step"),
+    ({"method": "batchstep", "stride": 9}, "Stride (9) cannot exceed steps (6)"),
+    ({"model": "no-such-model"}, "no-such-model is not in the list of choices: ['built-in image'"),
+    ({"height": 30}, "not a multiple of"),
+    ({"guidance": -1}, "Guidance must be between"),
+    ({"method": "warp"}, "is not in the list of choices: ['baseline', 'parastep', 'batchstep']"),
+    ({"seed": -3}, "Seed must be between 0 and"),
+]
+
+
+def test_bad_inputs_say_what_to_change_and_ranks_stay_in_step(client: Client) -> None:
+    for overrides, expected in BAD_INPUTS:
+        with pytest.raises(AppError) as err:
+            run(client, "/generate", "image", **overrides)
+        assert expected in str(err.value), (overrides, str(err.value))
+    with pytest.raises(AppError, match="Compare runs the baseline against"):
+        run(client, "/compare", "image", method="baseline")
+    # ...and ParaStep still runs across both ranks afterwards.
+    stats = numbers(run(client, "/generate", "image"))
+    assert stats["ranks"] == 2 and not stats["note"]
+
+
+def test_status_lists_every_rank(client: Client) -> None:
+    status = client.predict(api_name="/status")
+    status = json.loads(status) if isinstance(status, str) else status
+    assert status["world_size"] == 2
+    assert [r["state"] for r in status["ranks"]] == ["ok", "ok"]

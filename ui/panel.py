@@ -1,0 +1,118 @@
+"""The latency panel: numbers as a Markdown table and a dict, and the per-rank timeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from launcher.protocol import METHOD_LABELS, CompareOutput, RunOutput  # noqa: E402
+
+ACTION_COLOURS = {"computed": "#2563eb", "reused": "#cbd5e1", "received": "#16a34a", "precomputed": "#f59e0b"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _label(run: RunOutput) -> str:
+    name = METHOD_LABELS[run.method]
+    ranks = len(run.stats)
+    return f"{name} ({ranks} ranks)" if run.method == "parastep" else name
+
+
+def _calls(run: RunOutput) -> str:
+    return " · ".join(str(s.get("model_calls", "?")) for s in run.stats)
+
+
+def _bytes(run: RunOutput) -> int:
+    return int(sum(s.get("bytes_sent", 0) for s in run.stats))
+
+
+def run_numbers(run: RunOutput) -> dict[str, Any]:
+    return {
+        "method": run.method,
+        "wall_s": round(run.wall_s, 4),
+        "ideal_speedup": round(run.ideal_speedup, 4),
+        "ranks": len(run.stats),
+        "model_calls_per_rank": [s.get("model_calls") for s in run.stats],
+        "bytes_communicated": _bytes(run),
+        "note": run.note,
+    }
+
+
+def compare_numbers(result: CompareOutput) -> dict[str, Any]:
+    return {
+        "baseline": run_numbers(result.baseline),
+        "method": run_numbers(result.method),
+        "speedup": round(result.speedup, 4),
+        "ideal_speedup": round(result.method.ideal_speedup, 4),
+        "psnr_db": round(result.psnr, 3) if result.psnr != float("inf") else "inf",
+        "ssim": round(result.ssim, 4),
+    }
+
+
+def compare_markdown(result: CompareOutput) -> str:
+    base, fast = result.baseline, result.method
+    psnr = "∞ (identical)" if result.psnr == float("inf") else f"{result.psnr:.2f} dB"
+    rows = [
+        f"| | Baseline | {_label(fast)} |",
+        "|---|---:|---:|",
+        f"| Wall time | {base.wall_s:.2f} s | {fast.wall_s:.2f} s |",
+        f"| Speedup | 1.00× | **{result.speedup:.2f}×** |",
+        f"| Ideal speedup for these settings | 1.00× | {fast.ideal_speedup:.2f}× |",
+        f"| Model calls per rank | {_calls(base)} | {_calls(fast)} |",
+        f"| Bytes communicated | {human_bytes(_bytes(base))} | {human_bytes(_bytes(fast))} |",
+        f"| PSNR vs baseline | — | {psnr} |",
+        f"| SSIM vs baseline | — | {result.ssim:.4f} |",
+    ]
+    note = f"\n\n⚠️ {fast.note}" if fast.note else ""
+    return "### Latency panel\n\n" + "\n".join(rows) + note
+
+
+def run_markdown(run: RunOutput) -> str:
+    rows = [
+        f"| | {_label(run)} |",
+        "|---|---:|",
+        f"| Wall time | {run.wall_s:.2f} s |",
+        f"| Ideal speedup for these settings | {run.ideal_speedup:.2f}× |",
+        f"| Model calls per rank | {_calls(run)} |",
+        f"| Bytes communicated | {human_bytes(_bytes(run))} |",
+    ]
+    note = f"\n\n⚠️ {run.note}" if run.note else ""
+    return "### Latency\n\n" + "\n".join(rows) + note
+
+
+def timeline(runs: list[RunOutput]) -> plt.Figure:
+    """One row per (run, rank), one box per step coloured by what that rank did for it."""
+    rows: list[tuple[str, list[dict[str, Any]]]] = []
+    for run in runs:
+        for stats in run.stats:
+            records = stats.get("records") or []
+            if run.method == "baseline" or not records:
+                steps = int(stats.get("steps") or 0)
+                records = [{"step": i, "action": "computed"} for i in range(steps)]
+            rows.append((f"{METHOD_LABELS[run.method]} · rank {stats.get('rank', 0)}", records))
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows)), dpi=100)
+    for y, (_, records) in enumerate(reversed(rows)):
+        for rec in records:
+            colour = ACTION_COLOURS.get(rec["action"], "#000000")
+            ax.barh(y, 0.9, left=rec["step"] + 0.05, height=0.7, color=colour, edgecolor="none")
+    ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)])
+    ax.set_xlabel("denoising step")
+    ax.set_xlim(0, max((len(r) for _, r in rows), default=1))
+    handles = [Patch(color=c, label=a) for a, c in ACTION_COLOURS.items()]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 3 else -0.2),
+              ncol=4, frameon=False)  # fmt: skip
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
