@@ -144,6 +144,8 @@ class Backend:
         ranks = [{"rank": 0, "where": f"{socket.gethostname()}:{os.getpid()}", "state": "busy" if self._busy else "ok"}]
         for rank in self.peers:
             problem = self._peer_problem(rank)
+            if problem is None and self.channel.processed(rank) < self.channel.posted - 1:
+                problem = "busy with an earlier request"
             ranks.append({"rank": rank, "where": self.channel.where(rank), "state": problem or "ok"})
         return {
             "world_size": self.topo.world_size,

@@ -84,8 +84,17 @@ def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         default_side = int(sample_size * multiple) if isinstance(sample_size, int) and kind is None else 32
+    examples: tuple[str, ...] = ()
+    vocabulary = ""
+    if kind is not None:
+        from parastep import demo
+
+        examples = tuple(demo.random_prompts(kind, 3)) if hasattr(demo, "random_prompts") else ()
+        vocabulary = demo.describe_vocabulary(kind) if hasattr(demo, "describe_vocabulary") else ""
     return ModelInfo(
         name=name,
+        examples=examples,
+        vocabulary=vocabulary,
         modality=modality,
         default_steps=int(getattr(pipe, "default_steps", 10)),
         default_guidance=float(getattr(pipe, "default_guidance_scale", 3.0)),

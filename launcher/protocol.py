@@ -63,6 +63,8 @@ class ModelInfo:
     max_side: int = 1024
     max_frames: int = 64
     max_duration_s: float = 30.0
+    examples: tuple[str, ...] = ()
+    vocabulary: str = ""  # what a built-in model understands, for the prompt's help text
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,14 @@ def _media_values(run: RunOutput | None) -> list[Any]:
     return values
 
 
+def _examples(info: ModelInfo | None) -> list[list[str]]:
+    return [[p] for p in (info.examples if info and info.examples else EXAMPLE_PROMPTS)]
+
+
+def _vocabulary(info: ModelInfo | None) -> str:
+    return f"<small>This model knows: {info.vocabulary}</small>" if info and info.vocabulary else ""
+
+
 def _shown(modality: str | None) -> list[Any]:
     """Visibility updates for one side's (image, video, audio)."""
     return [gr.update(visible=modality == kind) for kind in ("image", "video", "audio")]
@@ -92,6 +100,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="What should it generate?",
                                     elem_id="prompt")  # fmt: skip
+                vocabulary = gr.Markdown(_vocabulary(first), elem_id="vocabulary")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 method = gr.Radio(
                     [(label, key) for key, label in METHOD_LABELS.items()], value="parastep", label="Method"
@@ -100,7 +109,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                     warmup = gr.Number(2, label="Warm-up steps", precision=0, info="run normally before reusing")
                     stride = gr.Number(2, label="Stride (BatchStep)", precision=0, info="steps per batched call")
                 with gr.Row():
-                    steps = gr.Number(first.default_steps if first else 10, label="Steps", precision=0)
+                    steps = gr.Number(first.default_steps if first else 10, label="Steps", precision=0, elem_id="steps")
                     guidance = gr.Number(first.default_guidance if first else 3.0, label="Guidance")
                     seed = gr.Number(0, label="Seed", precision=0)
                 with gr.Row():
@@ -115,7 +124,8 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 with gr.Row():
                     generate_btn = gr.Button("Generate", elem_id="generate-btn")
                     compare_btn = gr.Button("Compare with baseline", variant="primary", elem_id="compare-btn")
-                gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts")
+                examples = gr.Dataset(components=[prompt], samples=_examples(first), label="Example prompts",
+                                      type="values")  # fmt: skip
             with gr.Column(scale=3, min_width=400):
                 preview = gr.Image(label="Live preview (streamed while denoising)", type="numpy", interactive=False,
                                    elem_classes="crisp", elem_id="preview", height=200)  # fmt: skip
@@ -141,7 +151,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
         def on_model(name: str) -> list[Any]:
             info = infos.get(name)
             if info is None:
-                return [gr.update()] * 12
+                return [gr.update()] * 14
             spatial = info.modality in ("image", "video")
             return [
                 *_shown(info.modality),
@@ -152,9 +162,11 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 gr.update(visible=info.modality == "audio", value=info.default_duration_s),
                 gr.update(value=info.default_steps),
                 gr.update(value=info.default_guidance),
+                gr.Dataset(samples=_examples(info)),
+                _vocabulary(info),
             ]
 
-        model.change(on_model, [model], [*left, *right, height, width, frames, duration, steps, guidance],
+        model.change(on_model, [model], [*left, *right, height, width, frames, duration, steps, guidance, examples, vocabulary],
                      api_visibility="private")  # fmt: skip
 
         def run(compare: bool, values: tuple[Any, ...], progress: gr.Progress) -> Iterator[Any]:
@@ -199,6 +211,8 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
         def layout(compare: bool, method_key: str) -> list[Any]:
             method_label = METHOD_LABELS.get(method_key, "Accelerated")
             return [f"**{'Baseline' if compare else method_label}**", gr.update(visible=compare), f"**{method_label}**"]
+
+        examples.click(lambda sample: sample[0], [examples], [prompt], api_visibility="private")
 
         # The layout step is UI-only; /generate and /compare return plain values for API clients.
         for trigger, fn, name in ((generate_btn.click, generate, "generate"), (compare_btn.click, compare, "compare")):

@@ -101,7 +101,7 @@ def timeline(runs: list[RunOutput]) -> plt.Figure:
                 steps = int(stats.get("steps") or 0)
                 records = [{"step": i, "action": "computed"} for i in range(steps)]
             rows.append((f"{METHOD_LABELS[run.method]} · rank {stats.get('rank', 0)}", records))
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows)), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 1.1 + 0.4 * len(rows)), dpi=100)
     for y, (_, records) in enumerate(reversed(rows)):
         for rec in records:
             colour = ACTION_COLOURS.get(rec["action"], "#000000")
@@ -110,8 +110,7 @@ def timeline(runs: list[RunOutput]) -> plt.Figure:
     ax.set_xlabel("denoising step")
     ax.set_xlim(0, max((len(r) for _, r in rows), default=1))
     handles = [Patch(color=c, label=a) for a, c in ACTION_COLOURS.items()]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 3 else -0.2),
-              ncol=4, frameon=False)  # fmt: skip
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     plt.close(fig)

@@ -1,0 +1,52 @@
+"""A real browser (Debian's headless Chromium, driven by Playwright) runs Compare in the app."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from launcher.testing import ROOT, shared_app
+
+APP_ARGS = ["--ranks", "2", "--threads-per-rank", "1"]  # the same app as tests/test_app_e2e.py
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = ROOT / "outputs" / "screenshots" / "compare.png"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium: bash scripts/setup.sh --browser")
+def test_compare_in_a_real_browser(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    app = shared_app(APP_ARGS)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1300},
+        )  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.goto(app.url)
+            page.locator("#prompt textarea").fill("a large red circle in the center on a blue background")
+            page.locator("#steps input").fill("6")
+            page.locator("#compare-btn").click()
+            panel = page.locator("#latency-panel table")
+            expect(panel).to_be_visible(timeout=180_000)
+            for row in ("Wall time", "Speedup", "Ideal speedup", "Model calls per rank", "Bytes communicated",
+                        "PSNR", "SSIM"):  # fmt: skip
+                expect(panel).to_contain_text(row)
+            expect(page.locator("#left-output img")).to_be_visible()
+            expect(page.locator("#right-output img")).to_be_visible()
+            expect(page.locator("#timeline img, #timeline svg, #timeline canvas").first).to_be_visible()
+            page.wait_for_timeout(500)
+            shot = tmp_path / "compare.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, SCREENSHOT)
+        finally:
+            browser.close()
