@@ -1,0 +1,196 @@
+"""ParaStep on real processes: 2 (and 3) gloo ranks spawned by the test."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import diffusers
+import pytest
+import torch
+
+import parastep
+from tests.distributed import run_ranks
+from tests.toy import toy_embeds, toy_pipeline
+
+SCHEDULERS = ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+T, W = 11, 2
+
+
+def _scheduler_state(scheduler) -> dict:
+    """Everything a later step may read, as plain comparable values."""
+    state = {}
+    for k, v in vars(scheduler).items():
+        if k in ("step", "set_timesteps", "config", "_internal_dict"):
+            continue
+        if isinstance(v, torch.Tensor) or (isinstance(v, (int, float, bool, type(None))) and not callable(v)):
+            state[k] = v
+        elif isinstance(v, list) and all(isinstance(x, (torch.Tensor, int, float, type(None))) for x in v):
+            state[k] = list(v)
+    return state
+
+
+def parastep_rank(rank: int, scheduler_names: list[str], steps: int, warmup: int) -> dict:
+    results = {}
+    for name in scheduler_names:
+        pipe = toy_pipeline(getattr(diffusers, name))
+        handle = parastep.apply(pipe, parastep.ParaStepConfig(warmup_steps=warmup))
+        windows = []  # latents and scheduler state after every step, as seen by the pipeline
+        step = pipe.scheduler.step
+
+        def recording_step(*args, _step=step, _windows=windows, _pipe=pipe, **kwargs):
+            out = _step(*args, **kwargs)
+            _windows.append((out[0].clone(), copy.deepcopy(_scheduler_state(_pipe.scheduler))))
+            return out
+
+        pipe.scheduler.step = recording_step
+        pe, ne = toy_embeds()
+        out = pipe(pe, ne, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                   output_type="latent")
+        s = handle.last_stats
+        results[name] = dict(out=out, calls=s.model_calls, sent=s.bytes_sent, received=s.bytes_received,
+                             actions=[r.action for r in s.records], windows=windows)
+    return results
+
+
+@torch.no_grad()
+def parastep_replay(scheduler_cls, steps: int, warmup: int, degree: int, guidance: float = 3.0):
+    """The paper's algorithm in one process, written independently of the engine."""
+    pipe = toy_pipeline(scheduler_cls)
+    pe, ne = toy_embeds()
+    emb = torch.cat([ne, pe])
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    ts = sched.timesteps
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+
+    def raw(x, t, s):
+        return pipe.unet(s.scale_model_input(torch.cat([x, x]), t), t, encoder_hidden_states=emb).sample
+
+    def guide(r):
+        u, c = r.chunk(2)
+        return u + guidance * (c - u)
+
+    cache = [None] * degree
+    for i in range(warmup):
+        r = raw(x, ts[i], sched)
+        x = sched.step(guide(r), ts[i], x).prev_sample
+        cache = [r] * degree
+    k = warmup
+    while k < steps:
+        n, preds = min(degree, steps - k), []
+        for rank in range(n):  # rank r reuses its cache for k..k+r-1, then predicts step k+r
+            own, xr = copy.deepcopy(sched), x
+            for j in range(rank):
+                xr = own.step(guide(cache[rank]), ts[k + j], xr).prev_sample
+            cache[rank] = raw(xr, ts[k + rank], own)
+            preds.append(cache[rank])
+        for j in range(n):  # rank 0 applies the predictions in order
+            x = sched.step(guide(preds[j]), ts[k + j], x).prev_sample
+        k += n
+    return x
+
+
+def _window_ends(steps, warmup, degree):
+    return [s for s in range(warmup, steps) if (s - warmup) % degree == degree - 1 or s == steps - 1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(parastep_rank, 2, SCHEDULERS, T, W)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_rank0_equals_the_replayed_algorithm(two_ranks, name):
+    r0, r1 = two_ranks[0][name], two_ranks[1][name]
+    expected = parastep_replay(getattr(diffusers, name), T, W, 2)
+    torch.testing.assert_close(r0["out"], expected, rtol=1e-5, atol=1e-6)
+    baseline = toy_pipeline(getattr(diffusers, name))(
+        *toy_embeds(), num_inference_steps=T, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert (r0["out"] - baseline).abs().max() > 1e-4  # ParaStep really ran: it is not the baseline
+    windows = math.ceil((T - W) / 2)
+    assert r0["calls"] == W + windows and r1["calls"] == W + (T - W) // 2
+    assert r0["actions"][:W] == ["computed"] * W
+    assert r0["actions"][W:] == ["computed", "received"] * ((T - W) // 2) + ["computed"] * ((T - W) % 2)
+    assert r1["actions"][W:W + 2] == ["reused", "computed"]
+    # P-1 predictions in, one broadcast out per window: rank 1 sends what rank 0 receives
+    assert r1["sent"] == r0["received"] > 0 and r0["sent"] == r1["received"] > 0
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_rank_holds_the_same_latents_and_scheduler_state_after_each_window(two_ranks, name):
+    w0, w1 = two_ranks[0][name]["windows"], two_ranks[1][name]["windows"]
+    assert len(w0) == len(w1) == T
+    for s in _window_ends(T, W, 2):
+        (x0, state0), (x1, state1) = w0[s], w1[s]
+        assert torch.equal(x0, x1), f"latents differ after window ending at step {s}"
+        assert state0.keys() == state1.keys()
+        for key in state0:
+            a, b = state0[key], state1[key]
+            same = (all((x is None and y is None) or torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+                        for x, y in zip(a, b)) if isinstance(a, list) else
+                    torch.equal(torch.as_tensor(a), torch.as_tensor(b)) if a is not None else b is None)
+            assert same, f"{name}.{key} differs between ranks after step {s}"
+    assert not torch.equal(w0[W][0], w1[W][0])  # inside a window the ranks really diverge
+
+
+def three_rank_degree(rank: int) -> tuple:
+    """Degree 2 on a group of 3: rank 2 follows the broadcasts without computing."""
+    pipe = toy_pipeline()
+    handle = parastep.apply(pipe, parastep.ParaStepConfig(warmup_steps=3, degree=2))
+    pe, ne = toy_embeds()
+    out = pipe(pe, ne, num_inference_steps=9, generator=torch.Generator().manual_seed(0), output_type="latent")
+    return out, handle.last_stats.model_calls
+
+
+def test_degree_smaller_than_the_group():
+    results = run_ranks(three_rank_degree, 3)
+    assert torch.equal(results[0][0], results[2][0]) and torch.equal(results[0][0], results[1][0])
+    assert [calls for _, calls in results] == [3 + 3, 3 + 3, 3]
+    torch.testing.assert_close(results[0][0], parastep_replay(diffusers.DDIMScheduler, 9, 3, 2), rtol=1e-5, atol=1e-6)
+
+
+def mismatched_rank(rank: int) -> str:
+    try:
+        parastep.apply(toy_pipeline(), parastep.ParaStepConfig(warmup_steps=2 + rank))
+    except parastep.ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_mismatched_configs_are_refused_on_every_rank():
+    for message in run_ranks(mismatched_rank, 2):
+        assert "same config" in message
+
+
+def degree_too_large(rank: int) -> str:
+    try:
+        parastep.apply(toy_pipeline(), parastep.ParaStepConfig(degree=3))
+    except parastep.ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_degree_larger_than_the_group_is_refused():
+    for message in run_ranks(degree_too_large, 2):
+        assert "larger than the process group (2 rank(s))" in message
+
+
+def stuck_peer(rank: int) -> tuple[str, float]:
+    pipe = toy_pipeline()
+    parastep.apply(pipe, parastep.ParaStepConfig(warmup_steps=2, timeout_s=3))
+    if rank == 1:
+        time.sleep(15)  # stuck: never calls the pipeline
+        return "stuck", 0.0
+    start = time.perf_counter()
+    try:
+        pipe(*toy_embeds(), num_inference_steps=6, generator=torch.Generator().manual_seed(0))
+    except parastep.CommError as exc:
+        return str(exc), time.perf_counter() - start
+    return "no error", 0.0
+
+
+def test_a_stuck_peer_is_a_clear_error_naming_it_in_bounded_time():
+    message, seconds = run_ranks(stuck_peer, 2, timeout=120, barrier=False)[0]
+    assert message.startswith("rank 1 did not complete") and "within 3s" in message
+    assert seconds < 10
