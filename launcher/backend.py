@@ -49,6 +49,9 @@ MAX_PROMPT_CHARS = 400
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 MAX_QUEUE = 32
+MAX_SIDE = 2048
+MAX_FRAMES = 256
+MAX_DURATION_S = 60.0
 
 
 class Job:
@@ -206,23 +209,35 @@ class Backend:
         if info.modality in ("image", "video"):
             height = _as_int("Height", req.height if req.height is not None else info.default_height)
             width = _as_int("Width", req.width if req.width is not None else info.default_width)
+            if info.fixed_size and (height, width) != (info.default_height, info.default_width):
+                raise InputError(
+                    f"{req.model} makes {info.default_height}×{info.default_width} only: set height to "
+                    f"{info.default_height} and width to {info.default_width} (got {height}×{width})."
+                )
             for name, side in (("Height", height), ("Width", width)):
                 m = info.size_multiple
-                if not m <= side <= info.max_side:
-                    raise InputError(f"{name} must be between {m} and {info.max_side} for {req.model} (got {side}).")
+                if not m <= side <= MAX_SIDE:
+                    raise InputError(f"{name} must be between {m} and {MAX_SIDE} (got {side}).")
                 if side % m:
                     lower, upper = side // m * m, (side // m + 1) * m
                     raise InputError(
-                        f"{name} {side} is not a multiple of {m}, which {req.model} needs: use {lower or upper} or {upper}."
+                        f"{name} {side} is not a multiple of {m}, which {req.model} needs: "
+                        f"use {lower or upper} or {upper}."
                     )
         if info.modality == "video":
             frames = _as_int("Frames", req.num_frames if req.num_frames is not None else info.default_frames)
-            if not 1 <= frames <= info.max_frames:
-                raise InputError(f"Frames must be between 1 and {info.max_frames} (got {frames}).")
+            if info.fixed_size and frames != info.default_frames:
+                raise InputError(f"{req.model} makes {info.default_frames} frames only: set frames to "
+                                 f"{info.default_frames} (got {frames}).")  # fmt: skip
+            if not 1 <= frames <= MAX_FRAMES:
+                raise InputError(f"Frames must be between 1 and {MAX_FRAMES} (got {frames}).")
         if info.modality == "audio":
             duration = _as_float("Duration", req.duration_s if req.duration_s is not None else info.default_duration_s)
-            if not 0 < duration <= info.max_duration_s:
-                raise InputError(f"Duration must be more than 0 and at most {info.max_duration_s:g} s (got {duration:g}).")
+            if info.fixed_size and abs(duration - (info.default_duration_s or 0)) > 1e-6:
+                raise InputError(f"{req.model} makes {info.default_duration_s:g} s clips only: set duration to "
+                                 f"{info.default_duration_s:g} (got {duration:g}).")  # fmt: skip
+            if not 0 < duration <= MAX_DURATION_S:
+                raise InputError(f"Duration must be more than 0 and at most {MAX_DURATION_S:g} s (got {duration:g}).")
         if method == "parastep" and self.topo.world_size < 2:
             raise InputError(
                 "ParaStep needs at least 2 ranks and this app runs 1: start it with --ranks 2 (CPU) or on 2+ GPUs."
@@ -334,7 +349,8 @@ class Backend:
             out, seconds, stats, note = self._run_parastep(model, req, on_step)
             ideal = parastep.ideal_speedup(req.steps, req.warmup_steps, len(stats))
         media = extract_media(out, model.info.modality)
-        return RunOutput(method, model.info.modality, media, model.info.sample_rate, seconds, stats, ideal, note)
+        info = model.info
+        return RunOutput(method, info.modality, media, info.sample_rate, seconds, stats, ideal, note, fps=info.fps)
 
     def _run_baseline(self, model: LoadedModel, req: GenerateRequest, on_step: Any) -> tuple[Any, float, list[dict]]:
         calls = 0

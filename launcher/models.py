@@ -64,8 +64,13 @@ def _to_device(pipe: Any, device: torch.device) -> Any:
     return pipe
 
 
-def _call_params(pipe: Any) -> set[str]:
-    return set(inspect.signature(pipe.__call__).parameters)
+def _call_params(pipe: Any) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(pipe.__call__).parameters)
+
+
+def _default(params: dict[str, inspect.Parameter], name: str, fallback: Any) -> Any:
+    value = params[name].default if name in params else None
+    return fallback if value is None or value is inspect.Parameter.empty else value
 
 
 def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
@@ -78,12 +83,23 @@ def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
     sample_rate = getattr(pipe, "sample_rate", None)
     if sample_rate is None and getattr(pipe, "vocoder", None) is not None:
         sample_rate = getattr(pipe.vocoder.config, "sampling_rate", None)
-    default_side = getattr(pipe, "default_size", None)
-    if default_side is None:
-        sample_size = getattr(getattr(denoiser_of(pipe), "config", None), "sample_size", None)
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = sample_size[0]
-        default_side = int(sample_size * multiple) if isinstance(sample_size, int) and kind is None else 32
+    denoiser_config = getattr(denoiser_of(pipe), "config", None)
+    sample_size = getattr(denoiser_config, "sample_size", None)
+    if isinstance(sample_size, int):
+        sample_size = (sample_size, sample_size)
+    fixed = kind is not None  # the built-in models make one size only: the one they were trained at
+    if kind is not None and sample_size is not None:
+        default_h, default_w = int(sample_size[0]), int(sample_size[1])
+    elif sample_size is not None and modality != "audio":
+        default_h, default_w = int(sample_size[0]) * int(multiple), int(sample_size[1]) * int(multiple)
+    else:
+        default_h = default_w = 512
+    default_frames = int(getattr(denoiser_config, "num_frames", None) or getattr(pipe, "default_num_frames", 16))
+    default_duration = 1.0 if kind is not None else 5.0
+    if kind == "audio":
+        from parastep.demo import data
+
+        default_duration = float(getattr(data, "AUDIO_SECONDS", default_duration))
     examples: tuple[str, ...] = ()
     vocabulary = ""
     if kind is not None:
@@ -96,17 +112,16 @@ def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
         examples=examples,
         vocabulary=vocabulary,
         modality=modality,
-        default_steps=int(getattr(pipe, "default_steps", 10)),
-        default_guidance=float(getattr(pipe, "default_guidance_scale", 3.0)),
+        default_steps=int(_default(params, "num_inference_steps", 30)),
+        default_guidance=float(_default(params, "guidance_scale", 7.5)),
         size_multiple=int(multiple),
-        default_height=int(getattr(pipe, "default_height", default_side)) if modality != "audio" else None,
-        default_width=int(getattr(pipe, "default_width", default_side)) if modality != "audio" else None,
-        default_frames=int(getattr(pipe, "default_num_frames", 8)) if modality == "video" else None,
-        default_duration_s=float(getattr(pipe, "default_audio_length_in_s", 1.0)) if modality == "audio" else None,
+        default_height=default_h if modality != "audio" else None,
+        default_width=default_w if modality != "audio" else None,
+        default_frames=default_frames if modality == "video" else None,
+        default_duration_s=default_duration if modality == "audio" else None,
         sample_rate=int(sample_rate or 16000) if modality == "audio" else None,
-        max_side=int(getattr(pipe, "max_size", 1024 if kind is None else 256)),
-        max_frames=int(getattr(pipe, "max_num_frames", 64 if kind is None else 32)),
-        max_duration_s=float(getattr(pipe, "max_audio_length_in_s", 30.0 if kind is None else 10.0)),
+        fixed_size=fixed,
+        fps=int(getattr(pipe, "fps", 8)),
     )
 
 

@@ -60,9 +60,8 @@ class ModelInfo:
     default_frames: int | None = None
     default_duration_s: float | None = None
     sample_rate: int | None = None
-    max_side: int = 1024
-    max_frames: int = 64
-    max_duration_s: float = 30.0
+    fixed_size: bool = False  # only the defaults (size, frames, duration) are accepted
+    fps: int = 8
     examples: tuple[str, ...] = ()
     vocabulary: str = ""  # what a built-in model understands, for the prompt's help text
 
@@ -89,6 +88,7 @@ class RunOutput:
     stats: list[dict[str, Any]] = field(default_factory=list)  # one per rank, rank 0 first
     ideal_speedup: float = 1.0
     note: str = ""
+    fps: int = 8
 
 
 @dataclass

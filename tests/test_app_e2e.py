@@ -109,7 +109,7 @@ BAD_INPUTS = [
     ({"warmup": 0}, "ParaStep needs at least 1 warm-up step"),
     ({"method": "batchstep", "stride": 9}, "Stride (9) cannot exceed steps (6)"),
     ({"model": "no-such-model"}, "no-such-model is not in the list of choices: ['built-in image'"),
-    ({"height": 30}, "not a multiple of"),
+    ({"height": 30}, "makes 32×32 only: set height to 32 and width to 32 (got 30×32)"),
     ({"guidance": -1}, "Guidance must be between"),
     ({"method": "warp"}, "is not in the list of choices: ['baseline', 'parastep', 'batchstep']"),
     ({"seed": -3}, "Seed must be between 0 and"),

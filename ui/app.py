@@ -62,7 +62,7 @@ def _media_values(run: RunOutput | None) -> list[Any]:
         if run.modality == "image":
             values[0] = media.display_image(run.media)
         elif run.modality == "video":
-            values[1] = media.write_video(run.media)
+            values[1] = media.write_video(run.media, fps=run.fps)
         else:
             values[2] = media.write_audio(run.media, run.sample_rate or 16000)
     return values
@@ -113,13 +113,18 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                     guidance = gr.Number(first.default_guidance if first else 3.0, label="Guidance")
                     seed = gr.Number(0, label="Seed", precision=0)
                 with gr.Row():
+                    fixed = first is not None and first.fixed_size
                     height = gr.Number(first.default_height if first else None, label="Height", precision=0,
+                                       interactive=not fixed,
                                        visible=first is not None and first.modality != "audio")  # fmt: skip
                     width = gr.Number(first.default_width if first else None, label="Width", precision=0,
+                                      interactive=not fixed,
                                       visible=first is not None and first.modality != "audio")  # fmt: skip
                     frames = gr.Number(first.default_frames if first else None, label="Frames", precision=0,
+                                       interactive=not fixed,
                                        visible=first is not None and first.modality == "video")  # fmt: skip
                     duration = gr.Number(first.default_duration_s if first else None, label="Duration (s)",
+                                         interactive=not fixed,
                                          visible=first is not None and first.modality == "audio")  # fmt: skip
                 with gr.Row():
                     generate_btn = gr.Button("Generate", elem_id="generate-btn")
@@ -156,10 +161,11 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
             return [
                 *_shown(info.modality),
                 *_shown(info.modality),
-                gr.update(visible=spatial, value=info.default_height),
-                gr.update(visible=spatial, value=info.default_width),
-                gr.update(visible=info.modality == "video", value=info.default_frames),
-                gr.update(visible=info.modality == "audio", value=info.default_duration_s),
+                gr.update(visible=spatial, value=info.default_height, interactive=not info.fixed_size),
+                gr.update(visible=spatial, value=info.default_width, interactive=not info.fixed_size),
+                gr.update(visible=info.modality == "video", value=info.default_frames, interactive=not info.fixed_size),
+                gr.update(visible=info.modality == "audio", value=info.default_duration_s,
+                          interactive=not info.fixed_size),  # fmt: skip
                 gr.update(value=info.default_steps),
                 gr.update(value=info.default_guidance),
                 gr.Dataset(samples=_examples(info)),

@@ -37,7 +37,7 @@ def preview_image(preview: np.ndarray) -> np.ndarray | None:
     arr = np.asarray(preview, dtype=np.float32)
     if arr.ndim == 1:
         return display_image(_waveform_picture(arr))
-    if arr.ndim == 4 and arr.shape[0] == 1:
+    while arr.ndim > 3 and arr.shape[0] == 1:  # a batch of one
         arr = arr[0]
     if arr.ndim == 4:  # frames: tile up to 8 side by side
         frames = [_rgb(f) for f in arr[: min(8, len(arr))]]
