@@ -151,9 +151,9 @@ class _BatchStep:
     """One batched denoiser call for the current step and ``stride - 1`` look-ahead steps whose
     latents are rolled forward with the last guided prediction on a copy of the scheduler."""
 
-    def __init__(self, config: BatchStepConfig, scheduler: Any, pipe_name: str):
+    def __init__(self, config: BatchStepConfig, scheduler: Any, pipe_name: str, per_sample: tuple[str, ...]):
         self.warmup, self.stride = config.warmup_steps, config.stride
-        self.scheduler, self.pipe_name = scheduler, pipe_name
+        self.scheduler, self.pipe_name, self.per_sample = scheduler, pipe_name, per_sample
         self.ahead: dict[tuple[int, int], Any] = {}  # (step, call index) -> raw output
 
     def begin(self, call: _Call) -> None:
@@ -199,11 +199,18 @@ class _BatchStep:
             x = twin.step(eps, ts[j - 1], x, **roll_kwargs)[0]
             samples.append(encode(x, ts[j]))
             taus.append(_expand(to_tau(ts[j]), kb))
-        changes = {name: _tile(value, kb, n) for name, value in d.bound.arguments.items()
+        changes = {name: _tile(value, kb, n, name in self.per_sample) for name, value in d.bound.arguments.items()
                    if name not in (d.sample_name, d.timestep_name)}
         changes[d.sample_name] = torch.cat(samples)
         changes[d.timestep_name] = torch.cat(taus)
-        out = d.run(**changes)
+        try:
+            out = d.run(**changes)
+        except RuntimeError as exc:
+            raise UnsupportedPipelineError(
+                f"BatchStep's batched denoiser call failed on {self.pipe_name} ({exc}). Arguments whose "
+                f"leading dimension is the batch are repeated {n} times; if one is laid out per sample "
+                f"with another leading size, name it in its parastep.registry.FAMILIES entry "
+                f"(per_sample=...)") from exc
         return [_with_main(out, chunk) for chunk in _main(out).split(kb)]
 
     def _encoder(self, twin: Any, sample: torch.Tensor, x: torch.Tensor, t: Any) -> Callable:
@@ -253,9 +260,11 @@ def _expand(tau: torch.Tensor, n: int) -> torch.Tensor:
     return tau.reshape(-1)[:1].expand(n) if tau.dim() else tau.reshape(1).expand(n)
 
 
-def _tile(value: Any, batch: int, n: int) -> Any:
-    """Repeats every tensor whose leading dimension is the batch ``n`` times along it."""
-    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+def _tile(value: Any, batch: int, n: int, per_sample: bool = False) -> Any:
+    """Repeats ``n`` times every tensor whose leading dimension is the batch (or, for arguments
+    known to be laid out per sample, a multiple of it)."""
+    if isinstance(value, torch.Tensor) and value.dim() and (
+            value.shape[0] == batch or (per_sample and value.shape[0] % batch == 0)):
         return torch.cat([value] * n)
     if isinstance(value, dict):
         return {k: _tile(v, batch, n) for k, v in value.items()}
@@ -352,7 +361,7 @@ class Handle:
                     f"BatchStep cannot roll {type(self.scheduler).__name__} forward: its step() takes "
                     f"loop state beyond (model_output, timestep, sample). Use another scheduler "
                     f"(e.g. CogVideoXDDIMScheduler) or ParaStep.")
-            self.strategy = _BatchStep(config, self.scheduler, name)
+            self.strategy = _BatchStep(config, self.scheduler, name, spec.per_sample)
         else:
             raise ConfigError(f"config must be ParaStepConfig or BatchStepConfig, got {type(config).__name__}")
         self._install()

@@ -12,6 +12,9 @@ from .errors import UnsupportedPipelineError
 class PipelineSpec:
     denoiser: str  # attribute of the pipeline holding the denoiser module
     modality: str  # "image" | "video" | "audio"
+    # denoiser arguments laid out per sample even though their leading dimension is a multiple
+    # of the batch (e.g. text embeddings repeated per frame); BatchStep tiles them with the batch
+    per_sample: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, PipelineSpec] = {
@@ -24,7 +27,7 @@ FAMILIES: dict[str, PipelineSpec] = {
     "CogVideoXPipeline": PipelineSpec("transformer", "video"),
     "LattePipeline": PipelineSpec("transformer", "video"),
     "StableVideoDiffusionPipeline": PipelineSpec("unet", "video"),
-    "AnimateDiffPipeline": PipelineSpec("unet", "video"),
+    "AnimateDiffPipeline": PipelineSpec("unet", "video", per_sample=("encoder_hidden_states",)),
     "AudioLDMPipeline": PipelineSpec("unet", "audio"),
     "AudioLDM2Pipeline": PipelineSpec("unet", "audio"),
 }
