@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     import torch.distributed as dist
 

@@ -133,3 +133,15 @@ def test_status_lists_every_rank(client: Client) -> None:
     status = json.loads(status) if isinstance(status, str) else status
     assert status["world_size"] == 2
     assert [r["state"] for r in status["ranks"]] == ["ok", "ok"]
+
+
+def test_concurrent_users_queue_and_a_disconnect_leaves_ranks_in_step(client: Client) -> None:
+    args = lambda seed: (  # noqa: E731
+        "built-in image", PROMPTS["image"], "", "parastep", WARMUP, 2, STEPS, 3.0, seed, None, None, None, None)
+    abandoned = client.submit(*args(1), api_name="/compare")
+    jobs = [client.submit(*args(seed), api_name="/generate") for seed in (2, 3)]
+    abandoned.cancel()  # the browser goes away mid-request
+    results = [job.result(timeout=180) for job in jobs]
+    assert all(numbers(r)["ranks"] == 2 for r in results)
+    stats = numbers(run(client, "/generate", "image"))
+    assert stats["ranks"] == 2 and not stats["note"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 import uuid
 
 import numpy as np
@@ -72,9 +73,24 @@ def _waveform_picture(wave: np.ndarray, height: int = 64, width: int = 256) -> n
     return picture
 
 
+_KEEP_S = 3600.0
+_last_sweep = 0.0
+
+
 def new_output_path(suffix: str) -> str:
-    """A fresh file per result, never a shared name (concurrent users)."""
+    """A fresh file per result, never a shared name (concurrent users); results older than
+    an hour are removed now and then (Gradio has already copied them into its cache)."""
+    global _last_sweep
     os.makedirs(_OUT_DIR, exist_ok=True)
+    now = time.time()
+    if now - _last_sweep > 600:
+        _last_sweep = now
+        for entry in os.scandir(_OUT_DIR):
+            try:
+                if now - entry.stat().st_mtime > _KEEP_S:
+                    os.remove(entry.path)
+            except OSError:
+                pass
     return os.path.join(_OUT_DIR, f"{uuid.uuid4().hex}{suffix}")
 
 
