@@ -403,6 +403,7 @@ class Backend:
             else:
                 self._group_dirty = True
                 excluded.append(rep.error if rep is not None else (self._peer_problem(rank) or f"rank {rank} did not report"))
+        self.channel.prune([r for r in self.peers if not self.topo.child_problem(r)])
         note = ""
         if excluded:
             note = f"ParaStep ran on {len(members)} of {self.topo.world_size} ranks: " + "; ".join(excluded) + "."

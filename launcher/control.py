@@ -31,6 +31,7 @@ class ControlChannel:
         self.world_size = world_size
         self._next_post = 0
         self._next_read = 0
+        self._pruned = 0
 
     # ---- messages (rank 0 -> peers) ----
     def post(self, msg: Any) -> int:
@@ -65,10 +66,20 @@ class ControlChannel:
         self.store.set(f"report/{rep.run_id}/{rep.rank}", pickle.dumps(rep))
 
     def try_report(self, run_id: int, rank: int) -> PeerReport | None:
+        """A peer's report, if it has arrived (read once: the key is then removed)."""
         key = f"report/{run_id}/{rank}"
         if not self.store.check([key]):
             return None
-        return pickle.loads(self.store.get(key))
+        report = pickle.loads(self.store.get(key))
+        self.store.delete_key(key)
+        return report
+
+    def prune(self, ranks: list[int]) -> None:
+        """Rank 0: forget messages every listed rank has processed (keeps the store small)."""
+        upto = min((self.processed(r) for r in ranks), default=self._next_post - 1)
+        while self._pruned <= upto:
+            self.store.delete_key(f"msg/{self._pruned}")
+            self._pruned += 1
 
     # ---- readiness and heartbeats ----
     def mark_ready(self) -> None:

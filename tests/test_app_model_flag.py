@@ -3,6 +3,7 @@ disk, with a tokenizer) loaded on every rank with local_files_only, served like 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,13 @@ def save_tiny_sd(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     path = save_tiny_sd(tmp_path_factory.mktemp("models"))
-    with AppProcess(["--ranks", "2", "--threads-per-rank", "1", "--builtins", "none", "--model", str(path)]) as app:
+    args = ["--ranks", "2", "--threads-per-rank", "1", "--builtins", "none", "--model", str(path),
+            "--peer-timeout", str(PEER_TIMEOUT_S)]  # fmt: skip
+    with AppProcess(args) as app:
         yield Client(app.url, verbose=False), str(path)
+
+
+PEER_TIMEOUT_S = 8
 
 
 def request(model: str, method: str, **size: int) -> tuple:
@@ -40,6 +46,9 @@ def request(model: str, method: str, **size: int) -> tuple:
 
 def test_local_diffusers_pipeline_with_parastep_and_size_check(served: tuple[Client, str]) -> None:
     client, model = served
+    # Idle for well over the peers' collective time-out first: idle peers wait on the store,
+    # never in a collective, so nothing can time out.
+    time.sleep(2.5 * PEER_TIMEOUT_S)
     out = client.predict(*request(model, "parastep"), api_name="/compare")
     numbers = out[9]
     assert Path(out[1]).stat().st_size > 0 and Path(out[4]).stat().st_size > 0

@@ -1,0 +1,337 @@
+"""Benchmark and quality harness: one command, one table.
+
+    python -m launcher.bench                       # built-in image, video and audio models
+    python -m launcher.bench --models image --steps 50 --warmup 5 --seeds 3 --model <diffusers id>
+
+For each model, in one session of P gloo ranks (one model replica each, the cores split
+between them), interleaved seed by seed so drift hits every method alike: the baseline on one
+rank, the baseline in one process using all cores, ParaStep with degree 1 (the hooks' cost),
+ParaStep on P ranks, and BatchStep with each stride on one rank. A stress session (fewer
+steps, more ranks than cores) reports where the methods' quality differs. Prints a table,
+writes JSON and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parastep
+from launcher.models import LoadedModel, builtin_name, call_pipeline, extract_media, load_models
+from launcher.protocol import GenerateRequest
+from parastep.metrics import psnr, ssim
+
+log = logging.getLogger("launcher.bench")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # baseline | parastep | batchstep
+    parallelism: int = 1  # degree or stride
+    all_cores: bool = False  # rank 0 alone with every core (peers wait)
+
+    @property
+    def on_all_ranks(self) -> bool:
+        return self.kind == "parastep" and self.parallelism > 1
+
+
+@dataclass(frozen=True)
+class Session:
+    label: str
+    ranks: int
+    steps: int
+    warmup: int
+    seeds: tuple[int, ...]
+    methods: tuple[Method, ...]
+    builtins: tuple[str, ...]
+    extra: tuple[str, ...]
+    threads: int
+    all_cores: int
+
+
+@dataclass
+class Run:
+    session: str
+    model: str
+    method: str
+    seed: int
+    wall_s: float
+    calls: list[int]
+    bytes: int
+    records: list[dict] = field(default_factory=list)
+    psnr: float | None = None
+    ssim: float | None = None
+
+
+def _config(method: Method, warmup: int) -> Any:
+    if method.kind == "parastep":
+        return parastep.ParaStepConfig(warmup_steps=warmup, degree=method.parallelism)
+    if method.kind == "batchstep":
+        return parastep.BatchStepConfig(stride=method.parallelism, warmup_steps=warmup)
+    return None
+
+
+def _request(name: str, model: LoadedModel, session: Session, seed: int) -> GenerateRequest:
+    info = model.info
+    return GenerateRequest(model=name, prompt=info.examples[0] if info.examples else "a red circle",
+                           steps=session.steps, warmup_steps=session.warmup, guidance_scale=info.default_guidance,
+                           seed=seed, height=info.default_height, width=info.default_width,
+                           num_frames=info.default_frames, duration_s=info.default_duration_s)
+
+
+def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(session.threads)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=session.ranks, timeout=timedelta(minutes=30))
+        models = load_models(list(session.builtins), list(session.extra), torch.device("cpu"))
+        for name, model in models.items():
+            warm = replace(_request(name, model, session, 0), steps=2)
+            call_pipeline(model, warm, latent_only=rank > 0)  # first-call costs stay out of the table
+            for seed in session.seeds:
+                req = _request(name, model, session, seed)
+                for method in session.methods:
+                    dist.barrier()
+                    if rank > 0 and not method.on_all_ranks:
+                        continue
+                    run = _run_one(rank, session, name, model, req, method)
+                    if rank == 0:
+                        queue.put(("run", run))
+        dist.barrier()
+        queue.put(("done", rank))
+    except BaseException as exc:  # report, never leave the parent waiting
+        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_one(rank: int, session: Session, name: str, model: LoadedModel, req: GenerateRequest,
+             method: Method) -> Run | None:
+    config = _config(method, session.warmup)
+    handle = parastep.apply(model.pipe, config) if config else None
+    if method.all_cores:
+        torch.set_num_threads(session.all_cores)
+    try:
+        out, seconds = call_pipeline(model, req, latent_only=rank > 0)
+    finally:
+        torch.set_num_threads(session.threads)
+        if handle:
+            handle.remove()
+    stats = handle.last_stats if handle else None
+    calls = [stats.model_calls] if stats else [req.steps]
+    sent = stats.bytes_sent if stats else 0
+    if method.on_all_ranks:  # gather every rank's calls and bytes on rank 0
+        gathered = [None] * session.ranks
+        dist.all_gather_object(gathered, (calls[0], sent))
+        calls, sent = [c for c, _ in gathered], sum(b for _, b in gathered)
+    if rank > 0:
+        return None
+    run = Run(session.label, name, method.name, req.seed, seconds, calls, sent,
+              [asdict(r) for r in stats.records] if stats else [])
+    run.media = extract_media(out, model.info.modality)  # type: ignore[attr-defined]
+    return run
+
+
+def run_session(session: Session) -> list[Run]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_worker, args=(r, session, port, queue)) for r in range(session.ranks)]
+    for p in procs:
+        p.start()
+    runs: list[Run] = []
+    done = 0
+    total = len(session.seeds) * len(session.methods) * (len(session.builtins) + len(session.extra))
+    try:
+        while done < session.ranks:
+            kind, value = queue.get(timeout=1800)
+            if kind == "error":
+                raise RuntimeError(value)
+            if kind == "done":
+                done += 1
+                continue
+            runs.append(value)
+            print(f"[{session.label} {len(runs)}/{total}] {value.model} {value.method} seed {value.seed}: "
+                  f"{value.wall_s:.2f}s", file=sys.stderr, flush=True)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for run in runs:  # quality against the one-rank baseline of the same model and seed
+        ref = next(r for r in runs if r.model == run.model and r.seed == run.seed and r.method == "baseline-1rank")
+        run.psnr, run.ssim = psnr(ref.media, run.media), ssim(ref.media, run.media)
+    return runs
+
+
+def _computed_step_s(runs: list[Run], method: str, warmup: int) -> list[float]:
+    return [r["seconds"] for run in runs if run.method == method
+            for r in run.records[warmup:] if r["action"] == "computed"]
+
+
+def _ideal(method: Method, session: Session, runs: list[Run]) -> float:
+    if method.kind == "baseline":
+        return 1.0
+    if method.kind == "parastep":
+        return parastep.ideal_speedup(session.steps, session.warmup, method.parallelism)
+    # BatchStep: T*t(1) / (W*t(1) + blocks*t(S)), t(S) the measured step holding a batched call of S
+    # (-> S*t(1)/t(S), the batching limit, for long runs); t(1) from the degree-1 run's steps
+    t1 = _computed_step_s(runs, "parastep-1", session.warmup)
+    ts = _computed_step_s(runs, method.name, session.warmup)
+    if not t1 or not ts:
+        return float("nan")
+    t1_med = statistics.median(t1)
+    blocks = -(-(session.steps - session.warmup) // method.parallelism)
+    return session.steps * t1_med / (session.warmup * t1_med + blocks * statistics.median(ts))
+
+
+def summarise(session: Session, runs: list[Run]) -> list[dict]:
+    rows = []
+    models = list(dict.fromkeys(r.model for r in runs))
+    for model in models:
+        mine = [r for r in runs if r.model == model]
+        base1 = statistics.median(r.wall_s for r in mine if r.method == "baseline-1rank")
+        base_all = [r.wall_s for r in mine if r.method == "baseline-allcores"]
+        for method in session.methods:
+            rs = [r for r in mine if r.method == method.name]
+            if not rs:
+                continue
+            walls = [r.wall_s for r in rs]
+            med = statistics.median(walls)
+            ideal = _ideal(method, session, mine)
+            finite = [r.psnr for r in rs if r.psnr != float("inf")]
+            rows.append(dict(
+                session=session.label, model=model, method=method.name, steps=session.steps,
+                warmup=session.warmup, ranks=method.parallelism if method.on_all_ranks else 1,
+                wall_median_s=med, wall_min_s=min(walls), wall_max_s=max(walls),
+                speedup_vs_1rank=base1 / med, speedup_vs_allcores=statistics.median(base_all) / med if base_all else None,
+                ideal_speedup=ideal, efficiency=(base1 / med) / ideal if ideal == ideal else None,
+                model_calls_per_rank="/".join(str(c) for c in rs[0].calls), bytes_per_call=rs[0].bytes,
+                psnr_db=statistics.median(finite) if finite else float("inf"),
+                ssim=statistics.median(r.ssim for r in rs),
+                time_split=_time_split(rs, session.warmup) if method.kind == "parastep" else None))
+    return rows
+
+
+def _time_split(runs: list[Run], warmup: int) -> dict[str, float]:
+    """Where rank 0's time goes after warm-up: seconds per step, by what the step did."""
+    split: dict[str, list[float]] = {}
+    for run in runs:
+        for r in run.records[warmup:]:
+            split.setdefault(r["action"], []).append(r["seconds"])
+    return {k: statistics.mean(v) for k, v in split.items()}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["session", "model", "method", "ranks", "wall s med [min-max]", "x 1rank", "x allcores", "ideal",
+            "eff", "calls/rank", "bytes", "PSNR dB", "SSIM"]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None or v != v else format(v, fmt)
+
+    lines = [head]
+    for r in rows:
+        lines.append([r["session"], r["model"], r["method"], str(r["ranks"]),
+                      f"{r['wall_median_s']:.2f} [{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}]",
+                      f(r["speedup_vs_1rank"], ".2f"), f(r["speedup_vs_allcores"], ".2f"), f(r["ideal_speedup"], ".2f"),
+                      f(r["efficiency"], ".2f"), r["model_calls_per_rank"], str(r["bytes_per_call"]),
+                      "inf" if r["psnr_db"] == float("inf") else f(r["psnr_db"], ".1f"), f(r["ssim"], ".4f")])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["method"] != "baseline-1rank"]
+    labels = [f"{r['session']}\n{r['model']}\n{r['method']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["speedup_vs_1rank"] for r in rows], 0.4, label="measured vs 1-rank baseline")
+    ax.bar([x + 0.2 for x in xs], [r["ideal_speedup"] if r["ideal_speedup"] == r["ideal_speedup"] else 0 for r in rows],
+           0.4, label="ideal", alpha=0.6)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
+    ax.set_ylabel("speedup")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=["image", "video", "audio"], help="built-in kinds to measure")
+    p.add_argument("--model", action="append", default=[], help="a diffusers model id or path (local cache only)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--ranks", type=int, default=None,
+                   help="ParaStep degree (default: all ranks this machine supports: GPUs, else cores)")
+    p.add_argument("--strides", type=int, nargs="*", default=[2, 4])
+    p.add_argument("--stress-steps", type=int, default=20)
+    p.add_argument("--stress-degree", type=int, default=4, help="ranks of the stress session (0: skip it)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = p.parse_args(argv)
+    cores = os.cpu_count() or 1
+    ranks = args.ranks or (torch.cuda.device_count() or cores)
+    if ranks < 2:
+        p.error("ParaStep needs at least 2 ranks: pass --ranks 2")
+    if not 0 < args.warmup < args.steps:
+        p.error(f"--warmup must be between 1 and --steps - 1 ({args.steps - 1}), got {args.warmup}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    methods = (Method("baseline-1rank", "baseline"), Method("baseline-allcores", "baseline", all_cores=True),
+               Method("parastep-1", "parastep", 1), Method(f"parastep-{ranks}", "parastep", ranks),
+               *(Method(f"batchstep-{s}", "batchstep", s) for s in args.strides))
+    seeds = tuple(range(args.seeds))
+    main_session = Session("main", ranks, args.steps, args.warmup, seeds, methods, tuple(args.models),
+                           tuple(args.model), max(1, cores // ranks), cores)
+    sessions = [main_session]
+    if args.stress_degree:
+        stress_methods = (Method("baseline-1rank", "baseline"), Method(f"parastep-{ranks}", "parastep", ranks),
+                          Method(f"parastep-{args.stress_degree}", "parastep", args.stress_degree),
+                          Method(f"batchstep-{max(args.strides)}", "batchstep", max(args.strides)))
+        sessions.append(replace(main_session, label="stress", ranks=max(ranks, args.stress_degree),
+                                steps=args.stress_steps, methods=stress_methods, threads=1))
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for session in sessions:
+        rows += summarise(session, run_session(session))
+    table = format_table(rows)
+    print(table)
+    overhead = [(r["model"], r["wall_median_s"]) for r in rows if r["method"] == "parastep-1"]
+    (args.out / "bench.json").write_text(json.dumps(dict(
+        command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
+        cores=cores, ranks=ranks, seconds=time.perf_counter() - started, rows=rows), indent=2, default=str))
+    plot(rows, args.out / "bench.png")
+    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}"
+          f" ({len(overhead)} model(s); hook cost = parastep-1 vs baseline-1rank in the table)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
