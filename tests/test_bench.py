@@ -1,0 +1,51 @@
+"""The benchmark in a tiny configuration: the table's structure, and every figure computed."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from tests.test_app_model_flag import save_tiny_sd
+
+STEPS, WARMUP = 8, 2
+
+
+def test_bench_table(tmp_path):
+    model = save_tiny_sd(tmp_path)
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "launcher.bench", "--models", "--model", str(model), "--steps", str(STEPS),
+           "--warmup", str(WARMUP), "--seeds", "2", "--ranks", "2", "--strides", "2", "4",
+           "--stress-steps", "6", "--stress-degree", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "main 1/" in proc.stderr and "stress" in proc.stderr  # progress is shown
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["session", "model", "method"] and set(lines[1]) <= {"-", " "}
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert (out / "bench.png").stat().st_size > 1000
+    by = {(r["session"], r["method"]): r for r in rows}
+    assert set(by) == {("main", m) for m in ("baseline-1rank", "baseline-allcores", "parastep-1", "parastep-2",
+                                             "batchstep-2", "batchstep-4")} | \
+        {("stress", m) for m in ("baseline-1rank", "parastep-2", "parastep-3", "batchstep-4")}
+    for r in rows:  # every printed row is in the table
+        assert any(line.split()[:3] == [r["session"], r["model"], r["method"]] for line in lines)
+        assert 0 < r["wall_min_s"] <= r["wall_median_s"] <= r["wall_max_s"]
+    main = {m: r for (s, m), r in by.items() if s == "main"}
+    assert main["baseline-1rank"]["speedup_vs_1rank"] == 1.0 and main["baseline-1rank"]["psnr_db"] == math.inf
+    assert main["parastep-1"]["psnr_db"] == math.inf  # the hooks alone change nothing
+    speedups = {r["speedup_vs_1rank"] for r in main.values()}
+    assert len(speedups) == len(main)  # measured, not constant
+    assert main["parastep-2"]["ideal_speedup"] == STEPS / (WARMUP + math.ceil((STEPS - WARMUP) / 2))
+    assert main["parastep-2"]["model_calls_per_rank"] == f"{WARMUP + 3}/{WARMUP + 3}"
+    assert main["batchstep-2"]["model_calls_per_rank"] == str(WARMUP + 3)
+    assert main["batchstep-4"]["model_calls_per_rank"] == str(WARMUP + 2)
+    assert main["parastep-2"]["bytes_per_call"] > 0 and main["batchstep-2"]["bytes_per_call"] == 0
+    for m in ("parastep-2", "batchstep-2", "batchstep-4"):
+        assert 0 < main[m]["ideal_speedup"] and main[m]["efficiency"] > 0
+        assert 10 < main[m]["psnr_db"] < math.inf and 0 < main[m]["ssim"] <= 1
+        assert main[m]["speedup_vs_allcores"] > 0
+    assert set(main["parastep-2"]["time_split"]) == {"computed", "received"}
+    stress = {m: r for (s, m), r in by.items() if s == "stress"}
+    assert stress["parastep-3"]["model_calls_per_rank"] == "4/3/3"  # windows 2-4 and 5: W + windows reaching
+    assert stress["parastep-2"]["model_calls_per_rank"] == "4/4/2"  # rank 2 of 3 only follows
