@@ -139,7 +139,7 @@ class _ParaStep:
         shared = keys if self.feeds_back else keys[:1]
         state = _changed_state(self.scheduler, self.snapshot) if self.rank == 0 else None
         values, state = self.comm.broadcast(
-            ([_result_get(result, k) for k in shared], state), device=_main(result).device)
+            ([result[k] for k in shared], state), device=_main(result).device)
         for name, value in state.items():
             setattr(self.scheduler, name, value)
         for k, v in zip(shared, values):
@@ -231,12 +231,9 @@ class _BatchStep:
                     return lambda y, tt, scale=scale, dim=dim, extra=extra: torch.cat(
                         [torch.cat([scale(y, tt)] * k), extra], dim)
         raise UnsupportedPipelineError(
-            f"BatchStep cannot rebuild the denoiser input of {self.pipe_name}: at step {self._step_of(t)} "
+            f"BatchStep cannot rebuild the denoiser input of {self.pipe_name} at timestep {float(t):g}: "
             f"it is not the latents (optionally scaled by the scheduler), repeated for guidance and "
             f"concatenated with fixed conditioning. Use ParaStep or the baseline for this pipeline.")
-
-    def _step_of(self, t: Any) -> str:
-        return f"t={float(t):g}"
 
     def _timestep_map(self, tau: Any, t: Any) -> Callable:
         """How the pipeline turned the scheduler's timestep ``t`` into the denoiser's argument."""
@@ -276,10 +273,6 @@ def _tile(value: Any, batch: int, n: int, per_sample: bool = False) -> Any:
 # -- scheduler results and state -----------------------------------------------------------------
 def _result_keys(result: Any) -> list:
     return list(range(len(result))) if isinstance(result, tuple) else list(result.keys())
-
-
-def _result_get(result: Any, key: Any) -> Any:
-    return result[key]
 
 
 def _result_set(result: Any, key: Any, value: Any) -> Any:

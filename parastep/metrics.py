@@ -26,9 +26,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     a, b, data_range = _pair(a, b)
     if a.ndim == 4:
         return float(np.mean([ssim(x, y) for x, y in zip(a, b)]))
-    if a.ndim == 1:
-        win = min(7, len(a) - (1 - len(a) % 2))
-        return float(structural_similarity(a, b, data_range=data_range, win_size=max(win, 3)))
-    win = min(7, *(s for s in a.shape[:2])) // 2 * 2 + 1 if min(a.shape[:2]) < 7 else 7
-    return float(structural_similarity(a, b, data_range=data_range, channel_axis=-1 if a.ndim == 3 else None,
-                                       win_size=win))
+    spatial = a.shape[:2] if a.ndim == 3 else a.shape
+    win = min(7, min(spatial) - (1 - min(spatial) % 2))  # odd and no larger than the signal
+    return float(structural_similarity(a, b, data_range=data_range, win_size=max(win, 3),
+                                       channel_axis=-1 if a.ndim == 3 else None))
