@@ -23,7 +23,7 @@ PROMPTS = {
     "audio": "a low sine tone",
 }
 # Output tuple of /generate and /compare: preview, left (image, video, audio), right (image, video,
-# audio), latency markdown, timeline plot, numbers (dict).
+# audio), latency markdown, timeline plot, numbers (dict), status line.
 MEDIA_INDEX = {"image": 0, "video": 1, "audio": 2}
 
 
@@ -51,7 +51,7 @@ def media_path(value: object) -> str:
 
 
 def numbers(result: tuple) -> dict:
-    value = result[-1]
+    value = result[9]
     return json.loads(value) if isinstance(value, str) else value
 
 

@@ -132,6 +132,8 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 examples = gr.Dataset(components=[prompt], samples=_examples(first), label="Example prompts",
                                       type="values")  # fmt: skip
             with gr.Column(scale=3, min_width=400):
+                run_status = gr.Markdown("Pick a model, type a prompt, and press **Compare with baseline**.",
+                                         elem_id="run-status", min_height=56, padding=True)  # fmt: skip
                 preview = gr.Image(label="Live preview (streamed while denoising)", type="numpy", interactive=False,
                                    elem_classes="crisp", elem_id="preview", height=200)  # fmt: skip
                 with gr.Row():
@@ -151,7 +153,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
 
         inputs = [model, prompt, negative, method, warmup, stride, steps, guidance, seed, height, width, frames,
                   duration]  # fmt: skip
-        outputs = [preview, *left, *right, latency, plot, details]
+        outputs = [preview, *left, *right, latency, plot, details, run_status]
 
         def on_model(name: str) -> list[Any]:
             info = infos.get(name)
@@ -188,17 +190,22 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 for event in job.stream():
                     if isinstance(event, Progress):
                         done = event.step / max(1, event.total)
-                        progress(done, desc=f"{event.label}: step {event.step}/{event.total}")
+                        desc = f"{event.label}: step {event.step}/{event.total}" if event.step else event.label
+                        progress(done, desc=desc)
                         if event.preview is not None:
                             last_preview = media.preview_image(event.preview)
                             yield {preview: last_preview}
                     elif isinstance(event, CompareOutput):
+                        done = (f"**Done**: baseline {event.baseline.wall_s:.2f} s, "
+                                f"{METHOD_LABELS[event.method.method]} {event.method.wall_s:.2f} s "
+                                f"({event.speedup:.2f}×).")  # fmt: skip
                         yield [last_preview, *_media_values(event.baseline), *_media_values(event.method),
                                panel.compare_markdown(event), panel.timeline([event.baseline, event.method]),
-                               panel.compare_numbers(event)]  # fmt: skip
+                               panel.compare_numbers(event), done]  # fmt: skip
                     elif isinstance(event, RunOutput):
+                        done = f"**Done**: {METHOD_LABELS[event.method]} in {event.wall_s:.2f} s."
                         yield [last_preview, *_media_values(event), *_media_values(None), panel.run_markdown(event),
-                               panel.timeline([event]), panel.run_numbers(event)]  # fmt: skip
+                               panel.timeline([event]), panel.run_numbers(event), done]  # fmt: skip
             except InputError as exc:
                 raise gr.Error(str(exc), title="Please change the input", print_exception=False) from None
             except RunError as exc:
@@ -225,8 +232,8 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
             is_compare = name == "compare"
             trigger(lambda m, c=is_compare: layout(c, m), [method], [left_title, right_col, right_title],
                     api_visibility="private", queue=False).then(
-                fn, inputs, outputs, api_name=name, concurrency_limit=8, concurrency_id="runs")  # fmt: skip
-        prompt.submit(generate, inputs, outputs, api_visibility="private", concurrency_id="runs")
+                fn, inputs, outputs, api_name=name, concurrency_limit=8, concurrency_id="runs",
+                show_progress_on=[run_status])  # fmt: skip
         refresh.click(backend.status, None, cluster, api_name="status")
     return demo
 
