@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from launcher import topology
     from launcher.control import ControlChannel
-    from launcher.models import load_models
+    from launcher.models import load_models, warm_up
 
     topo = topology.start(args.ranks, args.threads_per_rank, [os.path.abspath(__file__), *sys.argv[1:]])
     channel = ControlChannel(dist.distributed_c10d._get_default_store(), topo.rank, topo.world_size)
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         from launcher import peer
 
         models = load_models(args.builtins, args.model, topo.device)
+        warm_up(models, latent_only=True)
         try:
             peer.serve(topo, channel, models)
         except (RuntimeError, ConnectionError) as exc:  # the store lives in rank 0: it is gone
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         models = load_models(args.builtins, args.model, topo.device)
+        warm_up(models, latent_only=False)
         backend = Backend(topo, channel, models, peer_timeout_s=args.peer_timeout)
         backend.start()
         demo = build_demo(backend)

@@ -49,6 +49,8 @@ MAX_PROMPT_CHARS = 400
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 MAX_QUEUE = 32
+PROGRESS_EVERY_S = 0.1
+PREVIEW_EVERY_S = 0.3
 MAX_SIDE = 2048
 MAX_FRAMES = 256
 MAX_DURATION_S = 60.0
@@ -57,9 +59,10 @@ MAX_DURATION_S = 60.0
 class Job:
     """One queued request; the UI iterates :meth:`stream`."""
 
-    def __init__(self, request: GenerateRequest, compare: bool) -> None:
+    def __init__(self, request: GenerateRequest, compare: bool, warnings: list[str] | None = None) -> None:
         self.request = request
         self.compare = compare
+        self.warnings = warnings or []  # things the user may want to know (e.g. ignored prompt words)
         self.events: queue.Queue[Any] = queue.Queue()
         self.cancelled = threading.Event()
 
@@ -269,7 +272,8 @@ class Backend:
     # ---- submission ---------------------------------------------------------------
     def submit(self, req: GenerateRequest, compare: bool = False) -> Job:
         """Validate (raises InputError) and queue; the job's events say when it starts."""
-        job = Job(self.validate(req, compare), compare)
+        req = self.validate(req, compare)
+        job = Job(req, compare, self.models[req.model].prompt_warnings(req.prompt))
         ahead = self._jobs.qsize() + (1 if self._busy else 0)
         try:
             self._jobs.put_nowait(job)
@@ -323,14 +327,22 @@ class Backend:
         req = job.request
         model = self.models[req.model]
         label = METHOD_LABELS[method]
-        every = max(1, math.ceil(req.steps / 8))
+        last = {"progress": 0.0, "preview": 0.0}
 
         def on_step(step: int, latents: Any) -> None:
+            # Throttled: every event costs the UI thread (and the GIL this process shares with
+            # it) some work, which would otherwise inflate the wall times being measured.
             if job.cancelled.is_set():
                 return  # nobody is watching; the run itself goes on so that no rank is left waiting
-            done = step + 1
-            want = done % every == 0 or done == req.steps
-            job.events.put(Progress(label, done, req.steps, preview_of(model, latents) if want else None))
+            done, now = step + 1, time.monotonic()
+            final = done == req.steps
+            if not final and now - last["progress"] < PROGRESS_EVERY_S:
+                return
+            want_preview = final or now - last["preview"] >= PREVIEW_EVERY_S
+            last["progress"] = now
+            if want_preview:
+                last["preview"] = now
+            job.events.put(Progress(label, done, req.steps, preview_of(model, latents) if want_preview else None))
 
         job.events.put(Progress(label, 0, req.steps))
         note = ""

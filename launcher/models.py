@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,20 @@ BUILTIN_KINDS = ("image", "video", "audio")
 class LoadedModel:
     pipe: Any
     info: ModelInfo
+    builtin_kind: str | None = None
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """What the model will ignore in ``prompt`` (built-in models know a small vocabulary)."""
+        if self.builtin_kind is None:
+            return []
+        from parastep import demo
+
+        if not hasattr(demo, "parse_prompt"):
+            return []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            demo.parse_prompt(self.builtin_kind, prompt, warn=True)
+        return [str(w.message) for w in caught]
 
 
 def builtin_name(kind: str) -> str:
@@ -40,7 +55,7 @@ def load_models(builtins: list[str], extra: list[str], device: torch.device) -> 
 
         pipe = demo.load_pipeline(kind)
         name = builtin_name(kind)
-        models[name] = LoadedModel(_to_device(pipe, device), describe(name, pipe, kind))
+        models[name] = LoadedModel(_to_device(pipe, device), describe(name, pipe, kind), kind)
     for ident in extra:
         from diffusers import DiffusionPipeline
 
@@ -174,6 +189,22 @@ def call_pipeline(
     start = time.perf_counter()
     out = pipe(**kwargs)
     return out, time.perf_counter() - start
+
+
+def warm_up(models: dict[str, LoadedModel], *, latent_only: bool) -> None:
+    """One short local call per model (no collectives), so that first-call costs (lazy
+    initialisation, allocator growth) do not land in the first measured request."""
+    for name, model in models.items():
+        info = model.info
+        req = GenerateRequest(
+            model=name, prompt=info.examples[0] if info.examples else "warm-up", steps=2,
+            guidance_scale=info.default_guidance, seed=0, height=info.default_height, width=info.default_width,
+            num_frames=info.default_frames, duration_s=info.default_duration_s,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, seconds = call_pipeline(model, req, latent_only=latent_only)
+        log.info("warmed up %s (%.2f s)", name, seconds)
 
 
 def extract_media(out: Any, modality: str) -> np.ndarray:

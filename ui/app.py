@@ -185,6 +185,8 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 raise gr.Error(str(exc), title="Please change the input", print_exception=False) from None
             except RunError as exc:
                 raise gr.Error(str(exc), title="Could not run", print_exception=False) from None
+            for note in job.warnings:
+                gr.Warning(note)
             try:
                 last_preview = None
                 for event in job.stream():
