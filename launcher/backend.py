@@ -479,12 +479,16 @@ class Backend:
     def _explain(self, exc: Exception, members: tuple[int, ...]) -> str:
         """Turn a failed ParaStep run into a message that names the rank and what still works."""
         problems: list[str] = []
-        deadline = time.monotonic() + 3.0  # a killed process needs a moment to be reaped
-        while not problems and time.monotonic() < deadline:
+        engine_refused = isinstance(exc, parastep.ParaStepError) and not isinstance(exc, parastep.CommError)
+        deadline = time.monotonic() + (0.0 if engine_refused else 3.0)  # a killed process needs a moment
+        while True:
             problems = [p for r in members[1:] if (p := self._peer_problem(r))]
-            if not problems:
-                time.sleep(0.1)
-        cause = "; ".join(problems) if problems else f"{type(exc).__name__}: {exc}"
+            if problems or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        if not problems and not isinstance(exc, parastep.CommError):
+            return f"ParaStep cannot run this request: {type(exc).__name__}: {exc}"
+        cause = "; ".join(problems) if problems else str(exc)
         return (
             f"ParaStep failed: {cause}. Baseline and BatchStep still work on rank 0; "
             "ParaStep will use the ranks that are left."
