@@ -19,8 +19,8 @@ APP_ARGS = ["--ranks", "2", "--threads-per-rank", "1"]
 STEPS, WARMUP = 6, 2
 PROMPTS = {
     "image": "a large red circle in the center on a blue background",
-    "video": "a small yellow square moving left on a black background",
-    "audio": "a low sine tone",
+    "video": "a yellow square moving left on a black background",
+    "audio": "a rising low sine tone",
 }
 # Output tuple of /generate and /compare: preview, left (image, video, audio), right (image, video,
 # audio), latency markdown, timeline plot, numbers (dict), status line.
