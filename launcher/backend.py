@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -122,6 +124,7 @@ class Backend:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"rank {rank} did not become ready within {ready_timeout_s:.0f} s")
                 time.sleep(0.1)
+        self._last_beat = {r: (self.channel.beats(r), time.monotonic()) for r in self.peers}
         if self.peers:
             threading.Thread(target=self._watch_heartbeats, name="parastep-heartbeats", daemon=True).start()
         self._coordinator.start()
@@ -144,9 +147,6 @@ class Backend:
         return {name: m.info for name, m in self.models.items()}
 
     def status(self) -> dict[str, Any]:
-        import os
-        import socket
-
         ranks = [{"rank": 0, "where": f"{socket.gethostname()}:{os.getpid()}", "state": "busy" if self._busy else "ok"}]
         for rank in self.peers:
             problem = self._peer_problem(rank)
