@@ -319,6 +319,7 @@ class Backend:
             baseline=base,
             method=fast,
             speedup=base.wall_s / fast.wall_s if fast.wall_s > 0 else float("nan"),
+            speedup_denoise=base.denoise_s / fast.denoise_s if base.denoise_s and fast.denoise_s else None,
             psnr=float(metrics.psnr(base.media, fast.media)),
             ssim=float(metrics.ssim(base.media, fast.media)),
         )
@@ -345,26 +346,30 @@ class Backend:
             job.events.put(Progress(label, done, req.steps, preview_of(model, latents) if want_preview else None))
 
         job.events.put(Progress(label, 0, req.steps))
+        timing: dict[str, float] = {}
         note = ""
         if method == "baseline":
-            out, seconds, stats = self._run_baseline(model, req, on_step)
+            out, seconds, stats = self._run_baseline(model, req, on_step, timing)
             ideal = 1.0
         elif method == "batchstep":
             handle = parastep.apply(model.pipe, parastep.BatchStepConfig(stride=req.stride, warmup_steps=req.warmup_steps))
             try:
-                out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step)
+                out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step, timing=timing)
                 stats = [handle.last_stats.to_dict()]
             finally:
                 handle.remove()
             ideal = parastep.ideal_speedup(req.steps, req.warmup_steps, req.stride)
         else:
-            out, seconds, stats, note = self._run_parastep(model, req, on_step)
+            out, seconds, stats, note = self._run_parastep(model, req, on_step, timing)
             ideal = parastep.ideal_speedup(req.steps, req.warmup_steps, len(stats))
         media = extract_media(out, model.info.modality)
         info = model.info
-        return RunOutput(method, info.modality, media, info.sample_rate, seconds, stats, ideal, note, fps=info.fps)
+        return RunOutput(method, info.modality, media, info.sample_rate, seconds, stats, ideal, note, fps=info.fps,
+                         denoise_s=timing.get("denoise_s"))  # fmt: skip
 
-    def _run_baseline(self, model: LoadedModel, req: GenerateRequest, on_step: Any) -> tuple[Any, float, list[dict]]:
+    def _run_baseline(
+        self, model: LoadedModel, req: GenerateRequest, on_step: Any, timing: dict[str, float]
+    ) -> tuple[Any, float, list[dict]]:
         calls = 0
 
         def count(*_: Any) -> None:
@@ -374,7 +379,7 @@ class Backend:
         denoiser = denoiser_of(model.pipe)
         hook = denoiser.register_forward_pre_hook(count) if denoiser is not None else None
         try:
-            out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step)
+            out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step, timing=timing)
         finally:
             if hook is not None:
                 hook.remove()
@@ -385,7 +390,9 @@ class Backend:
         }  # fmt: skip
         return out, seconds, [stats]
 
-    def _run_parastep(self, model: LoadedModel, req: GenerateRequest, on_step: Any) -> tuple[Any, float, list[dict], str]:
+    def _run_parastep(
+        self, model: LoadedModel, req: GenerateRequest, on_step: Any, timing: dict[str, float]
+    ) -> tuple[Any, float, list[dict], str]:
         members, excluded = self._ensure_group()
         run_id = self._run_id = self._run_id + 1
         self.channel.post(PeerRun(run_id, self._gen, members, req, self.peer_timeout_s))
@@ -395,7 +402,7 @@ class Backend:
                 warmup_steps=req.warmup_steps, degree=len(members), timeout_s=self.peer_timeout_s
             )
             handle = parastep.apply(model.pipe, config, group=self._group)
-            out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step)
+            out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step, timing=timing)
             stats0 = handle.last_stats.to_dict()
         except Exception as exc:
             self._group_dirty = True

@@ -157,8 +157,13 @@ def call_pipeline(
     *,
     latent_only: bool,
     on_step: StepCallback | None = None,
+    timing: dict[str, float] | None = None,
 ) -> tuple[Any, float]:
-    """Call the pipeline for ``req``; the same arguments on every rank. Returns (output, seconds)."""
+    """Call the pipeline for ``req``; the same arguments on every rank. Returns (output, seconds).
+
+    ``timing``, if given, receives ``denoise_s``: the seconds until the last denoising step
+    ended (prompt encoding + denoising, without decoding), where the pipeline has step callbacks.
+    """
     pipe, info = model.pipe, model.info
     params = _call_params(pipe)
     kwargs: dict[str, Any] = {
@@ -177,10 +182,14 @@ def call_pipeline(
         kwargs["num_frames"] = req.num_frames
     if info.modality == "audio":
         kwargs["audio_length_in_s"] = req.duration_s
-    if on_step is not None and "callback_on_step_end" in params:
+    start = time.perf_counter()
+    if (on_step is not None or timing is not None) and "callback_on_step_end" in params:
 
         def _callback(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step, tensors.get("latents"))
+            if timing is not None:
+                timing["denoise_s"] = time.perf_counter() - start
+            if on_step is not None:
+                on_step(step, tensors.get("latents"))
             return tensors
 
         kwargs["callback_on_step_end"] = _callback

@@ -89,6 +89,7 @@ class RunOutput:
     ideal_speedup: float = 1.0
     note: str = ""
     fps: int = 8
+    denoise_s: float | None = None  # until the last denoising step ended (no decoding)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class CompareOutput:
     baseline: RunOutput
     method: RunOutput
     speedup: float
+    speedup_denoise: float | None
     psnr: float
     ssim: float
 

@@ -81,11 +81,14 @@ def test_compare(client: Client, kind: str) -> None:
     assert stats["baseline"]["wall_s"] > 0 and stats["method"]["wall_s"] > 0
     assert stats["speedup"] == pytest.approx(stats["baseline"]["wall_s"] / stats["method"]["wall_s"], rel=0.02)
     assert stats["ideal_speedup"] > 1
+    for side in ("baseline", "method"):  # denoising time excludes decoding, so it is the smaller
+        assert 0 < stats[side]["denoise_s"] <= stats[side]["wall_s"]
+    assert stats["speedup_denoise"] > 0
     psnr = stats["psnr_db"]
     assert psnr == "inf" or psnr > 5, psnr
     assert -1 <= stats["ssim"] <= 1
     panel = result[7]
-    for row in ("Wall time", "Speedup", "Ideal speedup", "Model calls per rank", "Bytes communicated", "PSNR", "SSIM"):
+    for row in ("Wall time", "Speedup", "Denoising time", "Denoising speedup", "Ideal speedup", "Model calls per rank", "Bytes communicated", "PSNR", "SSIM"):
         assert row in panel
     print(f"\n{kind}: {json.dumps(stats)}")
 

@@ -200,7 +200,9 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                     elif isinstance(event, CompareOutput):
                         done = (f"**Done**: baseline {event.baseline.wall_s:.2f} s, "
                                 f"{METHOD_LABELS[event.method.method]} {event.method.wall_s:.2f} s "
-                                f"({event.speedup:.2f}×).")  # fmt: skip
+                                f"({event.speedup:.2f}× whole call"
+                                + (f", {event.speedup_denoise:.2f}× denoising" if event.speedup_denoise else "")
+                                + ").")  # fmt: skip
                         yield [last_preview, *_media_values(event.baseline), *_media_values(event.method),
                                panel.compare_markdown(event), panel.timeline([event.baseline, event.method]),
                                panel.compare_numbers(event), done]  # fmt: skip
