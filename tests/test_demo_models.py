@@ -1,0 +1,164 @@
+"""Built-in demo models: offline loading, generation, prompt adherence, prompt parsing, sizes.
+
+Adherence runs on a small held-out sample at reduced steps; the thresholds can fail (a
+random-weight or mis-wired model scores near chance: 1/6 for colour, 1/4 for direction).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from parastep.demo import KINDS, UnknownWordWarning, check, load_pipeline, parse_prompt, random_prompts  # noqa: E402
+from parastep.demo import data  # noqa: E402
+from parastep.demo.vocab import format_prompt, sample_attributes  # noqa: E402
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pipe(request):
+    torch.set_num_threads(1)
+    return load_pipeline(request.param)
+
+
+def _samples(pipe, out):
+    return getattr(out, {"image": "images", "video": "frames", "audio": "audios"}[pipe.modality])
+
+
+def test_load_is_offline_and_well_formed(pipe):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert pipe.modality in KINDS
+    assert hasattr(pipe, "unet") and hasattr(pipe, "scheduler")
+    assert pipe.scheduler.__class__.__name__ == "DDIMScheduler"
+    if pipe.modality == "audio":
+        assert pipe.sample_rate == 16_000
+
+
+def test_unknown_kind_names_valid_kinds():
+    with pytest.raises(ValueError, match="image, video, audio"):
+        load_pipeline("music")
+
+
+# Thresholds per attribute on 10 held-out prompts at 20 steps, set below what the shipped
+# models measure there and well above chance (colour 1/6, size 1/2, position 1/5, pitch 1/3,
+# pattern 1/4, timbre 1/2), so a random-weight or mis-wired model fails. Shape (image, video)
+# and direction (video) are not learned well enough yet: see assets/*/README.md.
+THRESHOLDS = {
+    "image": {"size": 0.8, "color": 0.5, "position": 0.8, "background": 0.8},
+    "video": {"background": 0.8},
+    "audio": {"pitch": 0.8, "pattern": 0.8, "timbre": 0.8},
+}
+
+
+def _adherence(pipe) -> dict[str, float]:
+    kind = pipe.modality
+    prompts = random_prompts(kind, 10, seed=99)
+    out = pipe(prompts, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
+    samples = _samples(pipe, out)
+    assert len(samples) == len(prompts)
+    results = [check(kind, p, s) for p, s in zip(prompts, samples)]
+    return {attr: float(np.mean([r[attr] for r in results])) for attr in results[0]}
+
+
+def test_prompt_adherence_on_held_out_prompts(pipe):
+    scores = _adherence(pipe)
+    for attr, threshold in THRESHOLDS[pipe.modality].items():
+        assert scores[attr] >= threshold, f"{pipe.modality} {attr} adherence {scores[attr]:.0%} < {threshold:.0%}"
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped video model does not follow directions yet (model card)")
+def test_video_follows_directions():
+    torch.set_num_threads(1)
+    assert _adherence(load_pipeline("video"))["direction"] >= 0.5
+
+
+def test_output_shapes_and_ranges(pipe):
+    prompts = ["", random_prompts(pipe.modality, 1, seed=7)[0]]
+    out = pipe(prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    s = np.asarray(_samples(pipe, out))
+    if pipe.modality == "image":
+        assert s.shape == (2, 32, 32, 3) and 0.0 <= s.min() and s.max() <= 1.0
+    elif pipe.modality == "video":
+        assert s.shape == (2, 8, 32, 32, 3) and 0.0 <= s.min() and s.max() <= 1.0
+    else:
+        assert s.shape == (2, 16_000) and -1.0 <= s.min() and s.max() <= 1.0
+    assert np.isfinite(s).all()
+
+
+def test_latent_output_and_preview(pipe):
+    out = pipe("", num_inference_steps=2, output_type="latent", return_dict=False)[0]
+    assert isinstance(out, torch.Tensor) and out.shape[0] == 1
+    preview = pipe.decode_preview(out)
+    assert preview.ndim >= 4 and preview.shape[-1] == 3 and 0.0 <= preview.min() and preview.max() <= 1.0
+
+
+def test_callback_can_replace_latents(pipe):
+    seen = []
+
+    def cb(p, i, t, kwargs):
+        seen.append(int(t))
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    out = pipe("", num_inference_steps=3, output_type="latent", callback_on_step_end=cb, return_dict=False)[0]
+    assert len(seen) == 3 and torch.all(out == 0)
+
+
+def test_unknown_words_warn_and_are_ignored(pipe):
+    kind = pipe.modality
+    prompt = random_prompts(kind, 1, seed=5)[0]
+    with pytest.warns(UnknownWordWarning, match="zebra"):
+        assert parse_prompt(kind, prompt + " zebra") == parse_prompt(kind, prompt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_prompt(kind, prompt)  # known words: no warning
+
+
+def test_bad_size_raises(pipe):
+    bad = {"image": {"height": 48}, "video": {"num_frames": 5}, "audio": {"audio_length_in_s": 3.0}}[pipe.modality]
+    with pytest.raises(ValueError, match="only"):
+        pipe("", num_inference_steps=1, **bad)
+
+
+def test_guidance_changes_result_and_seed_reproduces(pipe):
+    prompt = random_prompts(pipe.modality, 1, seed=3)[0]
+    kw = dict(num_inference_steps=4, output_type="latent", return_dict=False)
+    a = pipe(prompt, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw)[0]
+    b = pipe(prompt, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **kw)[0]
+    c = pipe(prompt, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **kw)[0]
+    assert not torch.allclose(a, b) and torch.equal(b, c)
+
+
+def test_prompt_parser_examples():
+    assert parse_prompt("image", "a large red circle in the center on a blue background") == {
+        "size": "large", "color": "red", "shape": "circle", "position": "center", "background": "blue"}
+    assert parse_prompt("image", "a small yellow square at the top left on a black background")["position"] == "top left"
+    assert parse_prompt("video", "a red circle moving right on a black background")["direction"] == "right"
+    assert parse_prompt("audio", "a rising sine tone") == {"pattern": "rising", "timbre": "sine"}
+    assert parse_prompt("audio", "a low square tone") == {"pitch": "low", "timbre": "square"}
+    assert parse_prompt("image", "") == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checker_accepts_ground_truth_and_rejects_wrong_prompts(kind):
+    rng = np.random.default_rng(0)
+    ok, wrong = [], []
+    for _ in range(12):
+        attrs = sample_attributes(kind, rng)
+        if kind == "image":
+            sample = data.render_image(attrs, rng)
+        elif kind == "video":
+            sample = data.render_video(attrs, rng)
+        else:
+            sample = data.synth_tone(attrs, rng)
+        ok.append(all(check(kind, format_prompt(kind, attrs), sample).values()))
+        other = sample_attributes(kind, rng)
+        wrong.append(all(check(kind, format_prompt(kind, other), sample).values()))
+    assert np.mean(ok) >= 0.9
+    assert np.mean(wrong) <= 0.3
