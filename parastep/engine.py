@@ -69,14 +69,17 @@ class _Call:
 
 
 class _Denoise:
-    """The arguments of one denoiser call, bound to its signature so they can be rebuilt."""
+    """The arguments of one denoiser call; bound to its signature only when they must be rebuilt."""
 
     def __init__(self, forward: Callable, sig: inspect.Signature, args: tuple, kwargs: dict):
-        self.forward, self.sig = forward, sig
-        self.bound = sig.bind(*args, **kwargs)
+        self.forward, self.sig, self.args, self.kwargs = forward, sig, args, kwargs
         names = list(sig.parameters)
         self.sample_name = names[0]
         self.timestep_name = next((n for n in _TIMESTEP_NAMES if n in sig.parameters), None)
+
+    @functools.cached_property
+    def bound(self) -> inspect.BoundArguments:
+        return self.sig.bind(*self.args, **self.kwargs)
 
     @property
     def sample(self) -> torch.Tensor:
@@ -87,6 +90,8 @@ class _Denoise:
         return self.bound.arguments.get(self.timestep_name)
 
     def run(self, **changes: Any) -> Any:
+        if not changes:
+            return self.forward(*self.args, **self.kwargs)
         bound = inspect.BoundArguments(self.sig, dict(self.bound.arguments))
         bound.arguments.update(changes)
         return self.forward(*bound.args, **bound.kwargs)
