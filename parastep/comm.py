@@ -5,6 +5,7 @@ library never creates or destroys a process group.
 """
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +32,9 @@ class _Slot:
 
 
 class Comm:
+    """Per window: one message per peer (its shape header only the first time per key and call)
+    and two broadcasts (sizes; pickled skeleton and every tensor's bytes in one buffer)."""
+
     def __init__(self, group: dist.ProcessGroup, timeout_s: float):
         self.group = group
         self.rank = dist.get_rank(group)
@@ -39,9 +43,12 @@ class Comm:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._pending: list[tuple[dist.Work, int]] = []
+        self._known: dict[tuple[int, Any], tuple[tuple[int, ...], torch.dtype]] = {}
 
-    def reset_counts(self) -> None:
+    def begin_call(self) -> None:
+        """Starts a pipeline call: zero the byte counts, forget the shapes seen."""
         self.bytes_sent = self.bytes_received = 0
+        self._known.clear()
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
@@ -57,25 +64,34 @@ class Comm:
                             f"{self.timeout.total_seconds():g}s")
 
     # -- point to point -------------------------------------------------------------
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """Starts sending ``tensor`` (shape header first); completion is awaited by :meth:`flush`."""
+    def send(self, tensor: torch.Tensor, dst: int, key: Any = None) -> None:
+        """Starts sending ``tensor``; completion is awaited by :meth:`flush`. The shape travels
+        only with the first tensor of each ``key`` in a call (sender and receiver count alike)."""
         tensor = tensor.contiguous()
-        if tensor.dim() > _MAX_DIMS:
-            raise CommError(f"cannot send a tensor with more than {_MAX_DIMS} dimensions")
-        header = torch.zeros(_MAX_DIMS + 2, dtype=torch.int64, device=tensor.device)
-        header[0], header[1] = tensor.dim(), _DTYPES.index(tensor.dtype)
-        header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-        for t in (header, tensor):
+        wire = [tensor]
+        if (dst, key) not in self._known:
+            if tensor.dim() > _MAX_DIMS:
+                raise CommError(f"cannot send a tensor with more than {_MAX_DIMS} dimensions")
+            header = torch.zeros(_MAX_DIMS + 2, dtype=torch.int64, device=tensor.device)
+            header[0], header[1] = tensor.dim(), _DTYPES.index(tensor.dtype)
+            header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+            wire.insert(0, header)
+            self._known[(dst, key)] = (tuple(tensor.shape), tensor.dtype)
+        for t in wire:
             self._pending.append((dist.isend(t, self._global(dst), self.group), dst))
             self.bytes_sent += t.numel() * t.element_size()
 
-    def recv(self, src: int, device: torch.device) -> torch.Tensor:
-        header = torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=device)
-        self._wait(dist.irecv(header, self._global(src), self.group), src, "sending a prediction")
-        ndim, code = int(header[0]), int(header[1])
-        out = torch.empty(tuple(header[2:2 + ndim].tolist()), dtype=_DTYPES[code], device=device)
+    def recv(self, src: int, device: torch.device, key: Any = None) -> torch.Tensor:
+        if (src, key) not in self._known:
+            header = torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=device)
+            self._wait(dist.irecv(header, self._global(src), self.group), src, "sending a prediction")
+            self.bytes_received += header.numel() * header.element_size()
+            ndim = int(header[0])
+            self._known[(src, key)] = (tuple(header[2:2 + ndim].tolist()), _DTYPES[int(header[1])])
+        shape, dtype = self._known[(src, key)]
+        out = torch.empty(shape, dtype=dtype, device=device)
         self._wait(dist.irecv(out, self._global(src), self.group), src, "sending a prediction")
-        self.bytes_received += header.numel() * 8 + out.numel() * out.element_size()
+        self.bytes_received += out.numel() * out.element_size()
         return out
 
     def flush(self) -> None:
@@ -95,29 +111,42 @@ class Comm:
             self.bytes_received += nbytes
 
     def broadcast(self, obj: Any, device: torch.device, src: int = 0) -> Any:
-        """Returns ``src``'s ``obj`` on every rank: tensors by collective, the rest pickled."""
-        tensors: list[torch.Tensor] = []
-        skeleton = _strip(obj, tensors) if self.rank == src else None
-        blob = pickle.dumps(skeleton) if self.rank == src else b""
-        size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
-        self._broadcast_tensor(size, src)
-        buf = (torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device) if self.rank == src
-               else torch.empty(int(size), dtype=torch.uint8, device=device))
-        self._broadcast_tensor(buf, src)
-        if self.rank != src:
-            skeleton = pickle.loads(buf.cpu().numpy().tobytes())
-            slots: list[_Slot] = []
-            _collect_slots(skeleton, slots)
-            tensors = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in slots]
+        """Returns ``src``'s ``obj`` on every rank in two collectives: the sizes, then one byte
+        buffer holding the pickled skeleton followed by every tensor (each padded to 8 bytes)."""
+        if self.rank == src:
+            tensors: list[torch.Tensor] = []
+            blob = pickle.dumps(_strip(obj, tensors))
+            parts = [torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device),
+                     torch.zeros(-len(blob) % 8, dtype=torch.uint8, device=device)]
+            for t in tensors:
+                raw = t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
+                parts += [raw, torch.zeros(-raw.numel() % 8, dtype=torch.uint8, device=device)]
+            buf = torch.cat(parts)
+            sizes = torch.tensor([len(blob), buf.numel()], dtype=torch.int64, device=device)
         else:
-            slots = []
-            _collect_slots(skeleton, slots)
-        received = []
-        for slot, tensor in zip(slots, tensors):
-            wire = tensor.to(device).contiguous()
-            self._broadcast_tensor(wire, src)
-            received.append(wire.cpu() if slot.on_cpu else wire)
-        return obj if self.rank == src else _fill(skeleton, received)
+            sizes = torch.empty(2, dtype=torch.int64, device=device)
+        self._broadcast_tensor(sizes, src)
+        if self.rank != src:
+            buf = torch.empty(int(sizes[1]), dtype=torch.uint8, device=device)
+        self._broadcast_tensor(buf, src)
+        if self.rank == src:
+            return obj
+        n_blob = int(sizes[0])
+        skeleton = pickle.loads(buf[:n_blob].cpu().numpy().tobytes())
+        slots: list[_Slot] = []
+        _collect_slots(skeleton, slots)
+        received, offset = [], n_blob + (-n_blob % 8)
+        for slot in slots:
+            nbytes = math.prod(slot.shape) * _itemsize(slot.dtype)
+            # clone: an aligned tensor of its own, not a view into the shared buffer
+            t = buf[offset:offset + nbytes].clone().view(slot.dtype).reshape(slot.shape)
+            received.append(t.cpu() if slot.on_cpu else t)
+            offset += nbytes + (-nbytes % 8)
+        return _fill(skeleton, received)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _strip(obj: Any, tensors: list[torch.Tensor]) -> Any:

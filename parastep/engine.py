@@ -62,20 +62,17 @@ class _Call:
     action: str = "none"
     latents: torch.Tensor | None = None  # the real latents entering the current step
     guided: torch.Tensor | None = None  # the model_output given to the last scheduler.step
-    step_kwargs: dict = field(default_factory=dict)
+    step_args: tuple = ((), {})  # the last scheduler.step's (args, kwargs)
     start: float = field(default_factory=time.perf_counter)
-    last: float = field(default_factory=time.perf_counter)
-    records: list[StepRecord] = field(default_factory=list)
+    records: list[tuple] = field(default_factory=list)  # (step, timestep, action, end time)
 
 
 class _Denoise:
     """The arguments of one denoiser call; bound to its signature only when they must be rebuilt."""
 
-    def __init__(self, forward: Callable, sig: inspect.Signature, args: tuple, kwargs: dict):
+    def __init__(self, forward: Callable, sig: inspect.Signature, names: tuple, args: tuple, kwargs: dict):
         self.forward, self.sig, self.args, self.kwargs = forward, sig, args, kwargs
-        names = list(sig.parameters)
-        self.sample_name = names[0]
-        self.timestep_name = next((n for n in _TIMESTEP_NAMES if n in sig.parameters), None)
+        self.sample_name, self.timestep_name = names
 
     @functools.cached_property
     def bound(self) -> inspect.BoundArguments:
@@ -113,7 +110,7 @@ class _ParaStep:
         self.cache.clear()
         self.snapshot = _state_snapshot(self.scheduler)
         if self.comm:
-            self.comm.reset_counts()
+            self.comm.begin_call()
 
     def _position(self, step: int) -> int | None:
         """Index of ``step`` in its window, or None during warm-up / without peers."""
@@ -125,14 +122,14 @@ class _ParaStep:
         j = self._position(call.step)
         if j is not None and self.rank == 0 and j > 0:
             template = self.cache.get(index, (None,))
-            return "received", _with_main(template, self.comm.recv(j, d.sample.device))
+            return "received", _with_main(template, self.comm.recv(j, d.sample.device, key=index))
         if j is not None and j != self.rank and index in self.cache:
             return "reused", self.cache[index]
         out = d.run()
         call.model_calls += 1
         self.cache[index] = out
         if j is not None and self.rank == j and j > 0:
-            self.comm.send(_main(out), 0)
+            self.comm.send(_main(out), 0, key=index)
         return "computed", out
 
     def step(self, call: _Call, result: Any) -> Any:
@@ -159,6 +156,7 @@ class _BatchStep:
     def __init__(self, config: BatchStepConfig, scheduler: Any, pipe_name: str, per_sample: tuple[str, ...]):
         self.warmup, self.stride = config.warmup_steps, config.stride
         self.scheduler, self.pipe_name, self.per_sample = scheduler, pipe_name, per_sample
+        self.step_sig = _step_signature(scheduler)
         self.ahead: dict[tuple[int, int], Any] = {}  # (step, call index) -> raw output
 
     def begin(self, call: _Call) -> None:
@@ -196,7 +194,9 @@ class _BatchStep:
         to_tau = self._timestep_map(d.timestep, ts[0])
         kb = d.sample.shape[0]
         samples, taus = [d.sample], [_expand(to_tau(ts[0]), kb)]
-        roll_kwargs = {k: v for k, v in call.step_kwargs.items() if k not in _STEP_ARGS}
+        step_args, step_kwargs = call.step_args
+        bound = self.step_sig.bind(*step_args, **step_kwargs).arguments
+        roll_kwargs = {k: v for k, v in bound.items() if k not in _STEP_ARGS}
         roll_kwargs["return_dict"] = False
         if "generator" in roll_kwargs:  # look-ahead noise must not consume the caller's RNG
             roll_kwargs["generator"] = torch.Generator(x.device).manual_seed(0)
@@ -369,7 +369,14 @@ class Handle:
     def _install(self) -> None:
         forward, step, set_timesteps = self.denoiser.forward, self.scheduler.step, self.scheduler.set_timesteps
         forward_sig = inspect.signature(forward)
-        step_sig = _step_signature(self.scheduler)
+        if next(iter(forward_sig.parameters.values())).kind is inspect.Parameter.VAR_POSITIONAL:
+            # a user's instance wrapper taking (*args, **kwargs): read arguments as the class names them
+            sig = inspect.signature(type(self.denoiser).forward)
+            forward_sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        forward_names = (next(iter(forward_sig.parameters)),
+                         next((n for n in _TIMESTEP_NAMES if n in forward_sig.parameters), None))
+        step_names = list(_step_signature(self.scheduler).parameters)
+        i_output, i_timestep = step_names.index("model_output"), step_names.index("timestep")
 
         @functools.wraps(set_timesteps)
         def set_timesteps_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -385,7 +392,7 @@ class Handle:
             if call is None:
                 return forward(*args, **kwargs)
             index, call.call = call.call, call.call + 1
-            action, out = self.strategy.denoise(call, index, _Denoise(forward, forward_sig, args, kwargs))
+            action, out = self.strategy.denoise(call, index, _Denoise(forward, forward_sig, forward_names, args, kwargs))
             if index == 0:
                 call.action = action
             return out
@@ -395,14 +402,11 @@ class Handle:
             call = self._call
             if call is None:
                 return step(*args, **kwargs)
-            bound = step_sig.bind(*args, **kwargs)
-            call.step_kwargs = dict(bound.arguments)
             result = self.strategy.step(call, step(*args, **kwargs))
-            now = time.perf_counter()
-            call.records.append(StepRecord(call.step, float(bound.arguments["timestep"]),
-                                           call.action, now - call.last))
-            call.last, call.action = now, "none"
-            call.guided, call.latents = bound.arguments["model_output"], _main(result)
+            call.guided = kwargs["model_output"] if "model_output" in kwargs else args[i_output]
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[i_timestep]
+            call.records.append((call.step, timestep, call.action, time.perf_counter()))
+            call.step_args, call.latents, call.action = (args, kwargs), _main(result), "none"
             call.step, call.call = call.step + 1, 0
             if call.step >= call.steps:
                 self._finish(call)
@@ -422,6 +426,10 @@ class Handle:
     def _finish(self, call: _Call) -> None:
         self._call = None
         cfg = self.config
+        records, last = [], call.start
+        for step, timestep, action, end in call.records:  # converted once, after the loop
+            records.append(StepRecord(step, float(timestep), action, end - last))
+            last = end
         self.last_stats = RunStats(
             method=cfg.method, rank=self.comm.rank if self.comm else 0,
             world_size=self.comm.size if self.comm else 1,
@@ -429,7 +437,7 @@ class Handle:
             steps=call.steps, warmup_steps=cfg.warmup_steps, model_calls=call.model_calls,
             bytes_sent=self.comm.bytes_sent if self.comm else 0,
             bytes_received=self.comm.bytes_received if self.comm else 0,
-            wall_s=call.last - call.start, records=call.records)
+            wall_s=last - call.start, records=records)
 
     def remove(self) -> None:
         """Restores the denoiser's forward and the scheduler's methods exactly."""

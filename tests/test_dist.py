@@ -8,8 +8,10 @@ import time
 import diffusers
 import pytest
 import torch
+import torch.distributed as dist
 
 import parastep
+from parastep.comm import Comm
 from tests.distributed import run_ranks
 from tests.toy import toy_embeds, toy_pipeline
 
@@ -132,6 +134,42 @@ def test_every_rank_holds_the_same_latents_and_scheduler_state_after_each_window
                     torch.equal(torch.as_tensor(a), torch.as_tensor(b)) if a is not None else b is None)
             assert same, f"{name}.{key} differs between ranks after step {s}"
     assert not torch.equal(w0[W][0], w1[W][0])  # inside a window the ranks really diverge
+
+
+def comm_exchange(rank: int) -> dict:
+    comm = Comm(dist.group.WORLD, timeout_s=10)
+    obj = {"x": torch.arange(3, dtype=torch.float16), "state": [torch.tensor([1, 2, 3]), 7, None],
+           "mask": torch.tensor([True, False, True]), "t": (torch.randn(2, 5).double(), "dpm")}
+    got = comm.broadcast(obj if rank == 0 else None, torch.device("cpu"))
+    sizes = []
+    for _ in range(3):  # the same key thrice in one call, then a new call
+        before = comm.bytes_sent + comm.bytes_received
+        if rank == 1:
+            comm.send(torch.full((4, 3), 1.5), 0, key=0)
+            comm.flush()
+        else:
+            got["p2p"] = comm.recv(1, torch.device("cpu"), key=0)
+        sizes.append(comm.bytes_sent + comm.bytes_received - before)
+    comm.begin_call()
+    if rank == 1:
+        comm.send(torch.ones(2), 0, key=0)
+        comm.flush()
+    else:
+        got["new call"] = comm.recv(1, torch.device("cpu"), key=0)
+    return dict(got=got, sizes=sizes)
+
+
+def test_comm_carries_mixed_tensors_exactly_and_shapes_once_per_key():
+    r0, r1 = run_ranks(comm_exchange, 2)
+    sent, received = r0["got"], r1["got"]
+    for key in ("x", "mask"):
+        assert received[key].dtype == sent[key].dtype and torch.equal(received[key], sent[key])
+    assert torch.equal(received["state"][0], sent["state"][0]) and received["state"][1:] == [7, None]
+    assert torch.equal(received["t"][0], sent["t"][0]) and received["t"][1] == "dpm"
+    assert torch.equal(r0["got"]["p2p"], torch.full((4, 3), 1.5))
+    header = (8 + 2) * 8
+    assert r0["sizes"] == r1["sizes"] == [header + 48, 48, 48]  # the shape travels once per key
+    assert torch.equal(r0["got"]["new call"], torch.ones(2))  # a new call sends its shape again
 
 
 def three_rank_degree(rank: int) -> tuple:
