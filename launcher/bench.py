@@ -5,8 +5,9 @@
 
 For each model, in one session of P gloo ranks (one model replica each, the cores split
 between them), interleaved seed by seed so drift hits every method alike: the baseline on one
-rank, the baseline in one process using all cores, ParaStep with degree 1 (the hooks' cost),
-ParaStep on P ranks, and BatchStep with each stride on one rank. A stress session (fewer
+rank, the baseline in one process using all cores, ParaStep with degree 1, ParaStep on P
+ranks, and BatchStep with each stride on one rank; then back-to-back pairs of the baseline and
+ParaStep degree 1 measure the hooks' cost. A stress session (fewer
 steps, more ranks than cores) reports where the methods' quality differs. Prints a table,
 writes JSON and a PNG plot.
 """
@@ -42,10 +43,11 @@ class Method:
     kind: str  # baseline | parastep | batchstep
     parallelism: int = 1  # degree or stride
     all_cores: bool = False  # rank 0 alone with every core (peers wait)
+    busy: bool = False  # every rank runs its own baseline at once: one rank's speed when all compute
 
     @property
     def on_all_ranks(self) -> bool:
-        return self.kind == "parastep" and self.parallelism > 1
+        return (self.kind == "parastep" and self.parallelism > 1) or self.busy
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Session:
     extra: tuple[str, ...]
     threads: int
     all_cores: int
+    hook_pairs: int = 0  # alternating baseline / degree-1 runs on rank 0: the hooks' cost
 
 
 @dataclass
@@ -111,6 +114,9 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
                     run = _run_one(rank, session, name, model, req, method)
                     if rank == 0:
                         queue.put(("run", run))
+            if rank == 0 and session.hook_pairs:
+                queue.put(("hooks", (name, _hook_cost(session, name, model))))
+            dist.barrier()
         dist.barrier()
         queue.put(("done", rank))
     except BaseException as exc:  # report, never leave the parent waiting
@@ -136,7 +142,7 @@ def _run_one(rank: int, session: Session, name: str, model: LoadedModel, req: Ge
     stats = handle.last_stats if handle else None
     calls = [stats.model_calls] if stats else [req.steps]
     sent = stats.bytes_sent if stats else 0
-    if method.on_all_ranks:  # gather every rank's calls and bytes on rank 0
+    if method.on_all_ranks and not method.busy:  # gather every rank's calls and bytes on rank 0
         gathered = [None] * session.ranks
         dist.all_gather_object(gathered, (calls[0], sent))
         calls, sent = [c for c, _ in gathered], sum(b for _, b in gathered)
@@ -148,7 +154,22 @@ def _run_one(rank: int, session: Session, name: str, model: LoadedModel, req: Ge
     return run
 
 
-def run_session(session: Session) -> list[Run]:
+def _hook_cost(session: Session, name: str, model: LoadedModel) -> dict[str, Any]:
+    """Relative cost of the hooks with nothing to parallelise: ``hook_pairs`` back-to-back pairs
+    (baseline, ParaStep degree 1) of the same request, so drift cancels within each pair."""
+    req = _request(name, model, session, 0)
+    base, ratios = Method("baseline-1rank", "baseline"), []
+    for i in range(session.hook_pairs):
+        order = (base, Method("parastep-1", "parastep", 1))
+        walls = {m.kind: _run_one(0, session, name, model, req, m).wall_s for m in (order if i % 2 else order[::-1])}
+        ratios.append(walls["parastep"] / walls["baseline"])
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return dict(pairs=len(ratios), median_pct=100 * (statistics.median(ratios) - 1),
+                q1_pct=100 * (q[0] - 1), q3_pct=100 * (q[2] - 1))
+
+
+def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
+    """Every run of the session on rank 0, and each model's hook cost (when measured)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with __import__("socket").socket() as s:
@@ -158,6 +179,7 @@ def run_session(session: Session) -> list[Run]:
     for p in procs:
         p.start()
     runs: list[Run] = []
+    session_hooks: dict[str, dict] = {}
     done = 0
     total = len(session.seeds) * len(session.methods) * (len(session.builtins) + len(session.extra))
     try:
@@ -167,6 +189,10 @@ def run_session(session: Session) -> list[Run]:
                 raise RuntimeError(value)
             if kind == "done":
                 done += 1
+                continue
+            if kind == "hooks":
+                session_hooks[value[0]] = value[1]
+                print(f"[{session.label}] {value[0]} hook cost: {value[1]['median_pct']:+.2f} %", file=sys.stderr, flush=True)
                 continue
             runs.append(value)
             print(f"[{session.label} {len(runs)}/{total}] {value.model} {value.method} seed {value.seed}: "
@@ -179,7 +205,7 @@ def run_session(session: Session) -> list[Run]:
     for run in runs:  # quality against the one-rank baseline of the same model and seed
         ref = next(r for r in runs if r.model == run.model and r.seed == run.seed and r.method == "baseline-1rank")
         run.psnr, run.ssim = psnr(ref.media, run.media), ssim(ref.media, run.media)
-    return runs
+    return runs, session_hooks
 
 
 def _computed_step_s(runs: list[Run], method: str, warmup: int) -> list[float]:
@@ -210,6 +236,7 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
         mine = [r for r in runs if r.model == model]
         base1 = statistics.median(r.wall_s for r in mine if r.method == "baseline-1rank")
         base_all = [r.wall_s for r in mine if r.method == "baseline-allcores"]
+        busy = [r.wall_s for r in mine if r.method == "baseline-busy"]
         for method in session.methods:
             rs = [r for r in mine if r.method == method.name]
             if not rs:
@@ -220,14 +247,18 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
             finite = [r.psnr for r in rs if r.psnr != float("inf")]
             rows.append(dict(
                 session=session.label, model=model, method=method.name, steps=session.steps,
-                warmup=session.warmup, ranks=method.parallelism if method.on_all_ranks else 1,
+                warmup=session.warmup,
+                ranks=session.ranks if method.busy else method.parallelism if method.on_all_ranks else 1,
                 wall_median_s=med, wall_min_s=min(walls), wall_max_s=max(walls),
                 speedup_vs_1rank=base1 / med, speedup_vs_allcores=statistics.median(base_all) / med if base_all else None,
                 ideal_speedup=ideal, efficiency=(base1 / med) / ideal if ideal == ideal else None,
                 model_calls_per_rank="/".join(str(c) for c in rs[0].calls), bytes_per_call=rs[0].bytes,
                 psnr_db=statistics.median(finite) if finite else float("inf"),
                 ssim=statistics.median(r.ssim for r in rs),
-                time_split=_time_split(rs, session.warmup) if method.kind == "parastep" else None))
+                time_split=_time_split(rs, session.warmup) if method.kind == "parastep" else None,
+                # ParaStep's ceiling on this machine: the ideal, slowed as one rank slows when all compute
+                busy_ceiling=ideal * base1 / statistics.median(busy) if busy and method.on_all_ranks
+                and not method.busy else None))
     return rows
 
 
@@ -293,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strides", type=int, nargs="*", default=[2, 4])
     p.add_argument("--stress-steps", type=int, default=20)
     p.add_argument("--stress-degree", type=int, default=4, help="ranks of the stress session (0: skip it)")
+    p.add_argument("--hook-pairs", type=int, default=20,
+                   help="back-to-back (baseline, degree-1) pairs per model measuring the hooks' cost (0: skip)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -305,31 +338,43 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     methods = (Method("baseline-1rank", "baseline"), Method("baseline-allcores", "baseline", all_cores=True),
+               Method("baseline-busy", "baseline", busy=True),
                Method("parastep-1", "parastep", 1), Method(f"parastep-{ranks}", "parastep", ranks),
                *(Method(f"batchstep-{s}", "batchstep", s) for s in args.strides))
     seeds = tuple(range(args.seeds))
     main_session = Session("main", ranks, args.steps, args.warmup, seeds, methods, tuple(args.models),
-                           tuple(args.model), max(1, cores // ranks), cores)
+                           tuple(args.model), max(1, cores // ranks), cores, args.hook_pairs)
     sessions = [main_session]
     if args.stress_degree:
         stress_methods = (Method("baseline-1rank", "baseline"), Method(f"parastep-{ranks}", "parastep", ranks),
                           Method(f"parastep-{args.stress_degree}", "parastep", args.stress_degree),
                           Method(f"batchstep-{max(args.strides)}", "batchstep", max(args.strides)))
         sessions.append(replace(main_session, label="stress", ranks=max(ranks, args.stress_degree),
-                                steps=args.stress_steps, methods=stress_methods, threads=1))
+                                steps=args.stress_steps, methods=stress_methods, threads=1, hook_pairs=0))
     rows: list[dict] = []
+    hooks: dict[str, dict] = {}
     started = time.perf_counter()
     for session in sessions:
-        rows += summarise(session, run_session(session))
-    table = format_table(rows)
-    print(table)
-    overhead = [(r["model"], r["wall_median_s"]) for r in rows if r["method"] == "parastep-1"]
+        runs, session_hooks = run_session(session)
+        rows += summarise(session, runs)
+        hooks.update(session_hooks)
+    print(format_table(rows))
+    for r in rows:
+        if r["busy_ceiling"]:
+            print(f"\n{r['session']} {r['model']} {r['method']}: one rank computes "
+                  f"{r['ideal_speedup'] / r['busy_ceiling']:.2f}x slower while every rank computes (baseline-busy), "
+                  f"so its ceiling here is {r['busy_ceiling']:.2f}x; measured {r['speedup_vs_1rank']:.2f}x = "
+                  f"{r['speedup_vs_1rank'] / r['busy_ceiling']:.2f} of it")
+    print(f"\nhook cost with nothing to parallelise (ParaStep degree 1 / baseline, {args.hook_pairs} "
+          f"back-to-back pairs, T={args.steps}):")
+    for model, h in hooks.items():
+        print(f"  {model}: median {h['median_pct']:+.2f} %  (quartiles {h['q1_pct']:+.2f} % .. {h['q3_pct']:+.2f} %)")
     (args.out / "bench.json").write_text(json.dumps(dict(
         command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
-        cores=cores, ranks=ranks, seconds=time.perf_counter() - started, rows=rows), indent=2, default=str))
+        cores=cores, ranks=ranks, seconds=time.perf_counter() - started, rows=rows, hook_cost=hooks),
+        indent=2, default=str))
     plot(rows, args.out / "bench.png")
-    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}"
-          f" ({len(overhead)} model(s); hook cost = parastep-1 vs baseline-1rank in the table)")
+    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     return 0
 
 
