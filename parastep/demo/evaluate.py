@@ -71,7 +71,7 @@ def denoiser_cost_ms(pipe: Any, kind: str, repeats: int = 20) -> float:
     try:
         shape = pipe._latent_shape(2)
         x = torch.randn(shape, dtype=pipe.unet.dtype)
-        labels = torch.zeros(2, len(pipe.unet.attr_embed), dtype=torch.long)
+        labels = torch.zeros(2, len(pipe.unet.config.attribute_sizes), dtype=torch.long)
         times = []
         with torch.no_grad():
             for i in range(repeats + 3):

@@ -3,8 +3,14 @@
 Conditioning is a handful of attribute tokens (see :mod:`parastep.demo.vocab`), each
 embedded, summed with the timestep embedding and fed to every residual block as a FiLM
 scale and shift. Two coordinate channels are appended to the input so that "top left"
-is easy to learn. Video is handled by folding frames into channels (early fusion): a
-2-D UNet sees all frames at once, which keeps one call cheap and motion coherent.
+is easy to learn.
+
+Video (``motion_slot`` set) is denoised frame by frame: the (B, C, F, H, W) sample is
+reshaped to B·F images and each frame gets two extra tokens, its index and the pair
+(motion attribute, frame index), so "moving right" becomes "where to draw in frame k".
+Frames never see each other; the video pipeline starts every frame from the same noise,
+which keeps the details the prompt leaves open (colour, shape, offset) the same across frames.
+Training then costs what the image model costs: one random frame per example.
 """
 
 from __future__ import annotations
@@ -75,9 +81,16 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         mid_blocks: int = 2,
         patch_size: int = 1,
         spatial_conditioning: bool = True,
+        motion_slot: int | None = None,
     ) -> None:
         super().__init__()
-        chans = in_channels * num_frames * patch_size**2
+        if num_frames > 1:
+            if motion_slot is None:
+                raise ValueError("a video model (num_frames > 1) needs motion_slot, the slot that says how things move")
+            # Extra tokens per frame: frame index, and (motion value, frame index); 0 = unspecified.
+            n_motion = attribute_sizes[motion_slot] - 1
+            attribute_sizes = (*attribute_sizes, num_frames + 1, n_motion * num_frames + 1)
+        chans = in_channels * patch_size**2
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.attr_embed = nn.ModuleList(nn.Embedding(n, emb_dim) for n in attribute_sizes)
         self.conv_in = nn.Conv2d(chans + 2, block_out_channels[0], 3, padding=1)
@@ -123,21 +136,41 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
         cfg = self.config
-        video = sample.ndim == 5
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if class_labels is None:
+            class_labels = torch.zeros(b, len(cfg.attribute_sizes), dtype=torch.long, device=sample.device)
+        if sample.ndim == 5:
+            _, c, f, h, w = sample.shape
+            frames = sample.transpose(1, 2).reshape(b * f, c, h, w)
+            index = torch.arange(f, device=sample.device).repeat(b)
+            labels = self.frame_labels(class_labels.repeat_interleave(f, 0), index)
+            out = self.denoise(frames, t.repeat_interleave(f), labels)
+            out = out.reshape(b, f, c, h, w).transpose(1, 2)
+        else:
+            out = self.denoise(sample, t, class_labels)
+        if not return_dict:
+            return (out,)
+        return UNet2DOutput(sample=out)
+
+    def frame_labels(self, class_labels: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
+        """Append the per-frame tokens (frame index, motion × frame) to (N, n_slots) labels."""
+        frames = self.config.num_frames
+        motion = class_labels[:, self.config.motion_slot]
+        motion_frame = torch.where(motion > 0, (motion - 1) * frames + frame_index + 1, 0)
+        return torch.cat([class_labels, (frame_index + 1)[:, None], motion_frame[:, None]], dim=1)
+
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """The UNet proper on images: (N, C, H, W) sample, (N,) timesteps, (N, slots) token ids."""
+        cfg = self.config
         b = sample.shape[0]
         x = sample
-        if video:
-            _, c, f, h, w = x.shape
-            x = x.reshape(b, c * f, h, w)
         if cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, cfg.patch_size)
         h, w = x.shape[-2:]
-        t = torch.as_tensor(timestep, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(b)
         emb = self.time_mlp(timestep_embedding(t, cfg.emb_dim).to(x.dtype))
-        if class_labels is None:
-            class_labels = torch.zeros(b, len(self.attr_embed), dtype=torch.long, device=x.device)
         for k, table in enumerate(self.attr_embed):
             emb = emb + table(class_labels[:, k].long())
         emb = F.silu(emb)
@@ -161,8 +194,4 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         out = self.conv_out(F.silu(self.norm_out(x)))
         if cfg.patch_size > 1:
             out = F.pixel_shuffle(out, cfg.patch_size)
-        if video:
-            out = out.reshape(sample.shape)
-        if not return_dict:
-            return (out,)
-        return UNet2DOutput(sample=out)
+        return out

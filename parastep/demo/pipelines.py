@@ -71,6 +71,9 @@ class _AttributeDiffusionPipeline(DiffusionPipeline):
     def _wrap(self, decoded: Any) -> BaseOutput:
         raise NotImplementedError
 
+    def _initial_noise(self, shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
     # -- shared ---------------------------------------------------------------------------
     def _labels(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         return torch.tensor([encode_prompt(self.modality, p) for p in prompts], dtype=torch.long, device=device)
@@ -118,7 +121,7 @@ class _AttributeDiffusionPipeline(DiffusionPipeline):
 
         shape = self._latent_shape(batch, **size)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = self._initial_noise(shape, generator, device, dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
@@ -235,6 +238,12 @@ class ShapesVideoPipeline(_AttributeDiffusionPipeline):
                 f"got num_frames={num_frames}, height={height}, width={width}."
             )
         return (batch, cfg.in_channels, num_frames, height, width)
+
+    def _initial_noise(self, shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # One noise image for all frames: the denoiser works frame by frame, and shared noise
+        # keeps what the prompt leaves open (colour, shape, offset) the same in every frame.
+        b, c, f, h, w = shape
+        return randn_tensor((b, c, 1, h, w), generator=generator, device=device, dtype=dtype).expand(shape).contiguous()
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
         frames = self._to_unit(latents).permute(0, 2, 3, 4, 1)

@@ -3,9 +3,12 @@
     python -m parastep.demo.train image            # the shipped recipe (fixed seed)
     python -m parastep.demo.train audio --steps 200 --out /tmp/probe   # a quick probe
 
-Recipe: pixel/mel-space v-prediction with a cosine noise schedule, AdamW with warm-up and
-cosine decay, EMA of the weights, attribute dropout (each slot 20 %, whole prompt 10 %)
-so partial and empty prompts and classifier-free guidance work.
+Recipe: pixel/mel space, cosine noise schedule, AdamW with warm-up and cosine decay, EMA of
+the weights, attribute dropout (each slot 20 %, whole prompt 10 %) so partial and empty
+prompts and classifier-free guidance work. Image and video predict the clean sample (x0),
+which keeps flat colours free of residual noise; the image loss weights each timestep by
+1 + min(SNR, 5) so the low-noise steps that draw edges count. Video trains one random frame
+per example (the denoiser works frame by frame). Audio predicts v.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TRAIN_SEED = 0
 
 
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    prediction_type="v_prediction",
+    clip_sample=True,
+    timestep_spacing="trailing",
+    set_alpha_to_one=False,
+)
+
+
 @dataclass
 class Recipe:
     """Everything that defines a trained demo model."""
@@ -49,17 +62,10 @@ class Recipe:
     ema_decay: float = 0.998
     slot_dropout: float = 0.2
     prompt_dropout: float = 0.1
+    # x0 loss weight 1 + min(SNR, cap): more weight on the low-noise steps that draw the edges
+    snr_weight_cap: float | None = None
     seed: int = TRAIN_SEED
-    scheduler: dict = field(
-        default_factory=lambda: dict(
-            num_train_timesteps=1000,
-            beta_schedule="squaredcos_cap_v2",
-            prediction_type="v_prediction",
-            clip_sample=True,
-            timestep_spacing="trailing",
-            set_alpha_to_one=False,
-        )
-    )
+    scheduler: dict = field(default_factory=lambda: dict(SCHEDULER))
 
 
 RECIPES: dict[str, Recipe] = {
@@ -68,14 +74,18 @@ RECIPES: dict[str, Recipe] = {
         unet=dict(in_channels=3, num_frames=1, sample_size=(32, 32), block_out_channels=(32, 64, 128),
                   emb_dim=128, mid_blocks=1, patch_size=2),
         dataset_size=20_000,
-        steps=2000,
+        steps=7000,
+        snr_weight_cap=5.0,
+        scheduler=dict(SCHEDULER, prediction_type="sample"),
     ),
     "video": Recipe(
         kind="video",
         unet=dict(in_channels=3, num_frames=data.VIDEO_FRAMES, sample_size=(32, 32),
-                  block_out_channels=(48, 96, 128), emb_dim=128, mid_blocks=1, patch_size=2),
+                  block_out_channels=(24, 48, 96), emb_dim=128, mid_blocks=1, patch_size=2,
+                  motion_slot=[s.name for s in SLOTS["video"]].index("direction")),
         dataset_size=8_000,
-        steps=2000,
+        steps=4500,
+        scheduler=dict(SCHEDULER, prediction_type="sample"),
     ),
     "audio": Recipe(
         kind="audio",
@@ -113,7 +123,7 @@ def build_pipeline(recipe: Recipe, unet: AttributeUNet | None = None):
     return PIPELINE_CLASSES[recipe.kind](unet=unet, scheduler=scheduler)
 
 
-def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int = 250) -> dict:
+def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int = 500) -> dict:
     """Train, save the EMA weights as a pipeline in ``out_dir``; returns training stats."""
     torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
@@ -139,12 +149,21 @@ def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int
         drop = torch.rand(recipe.batch_size, n_slots, generator=gen) < recipe.slot_dropout
         drop |= torch.rand(recipe.batch_size, 1, generator=gen) < recipe.prompt_dropout
         labels[drop] = 0
+        if x0.ndim == 5:  # video: one random frame per example (the denoiser works frame by frame)
+            frame = torch.randint(0, x0.shape[2], (recipe.batch_size,), generator=gen)
+            x0 = x0[torch.arange(recipe.batch_size), :, frame]
+            labels = net.frame_labels(labels, frame)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (recipe.batch_size,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
-        target = sched.get_velocity(x0, noise, t)
-        pred = net(xt, t, labels).sample
-        loss = F.mse_loss(pred, target)
+        target = x0 if sched.config.prediction_type == "sample" else sched.get_velocity(x0, noise, t)
+        pred = net.denoise(xt, t, labels)
+        if recipe.snr_weight_cap is None:
+            loss = F.mse_loss(pred, target)
+        else:
+            alpha_bar = sched.alphas_cumprod[t]
+            weight = 1 + (alpha_bar / (1 - alpha_bar)).clamp(max=recipe.snr_weight_cap)
+            loss = (weight * (pred - target).pow(2).flatten(1).mean(1)).sum() / weight.sum()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)

@@ -182,6 +182,12 @@ def encode_prompt(kind: str, prompt: str | None, warn: bool = True) -> list[int]
     return encode_attributes(kind, parse_prompt(kind, prompt, warn=warn))
 
 
+def _sentence(words: list[str]) -> str:
+    if words[0] == "a" and len(words) > 1 and words[1][0] in "aeiou":
+        words[0] = "an"
+    return " ".join(words)
+
+
 def format_prompt(kind: str, attributes: dict[str, str]) -> str:
     """The canonical English prompt for a (possibly partial) attribute dict."""
     a = attributes
@@ -193,7 +199,7 @@ def format_prompt(kind: str, attributes: dict[str, str]) -> str:
             words.append("in the center" if a["position"] == "center" else f"at the {a['position']}")
         if "background" in a:
             words.append(f"on a {a['background']} background")
-        return " ".join(words)
+        return _sentence(words)
     if kind == "video":
         words = ["a"]
         if "color" in a:
@@ -203,10 +209,10 @@ def format_prompt(kind: str, attributes: dict[str, str]) -> str:
             words.append(f"moving {a['direction']}")
         if "background" in a:
             words.append(f"on a {a['background']} background")
-        return " ".join(words)
+        return _sentence(words)
     check_kind(kind)
     words = [a[k] for k in ("pattern", "pitch", "timbre") if k in a]
-    return " ".join(["a", *words, "tone"])
+    return _sentence(["a", *words, "tone"])
 
 
 def sample_attributes(kind: str, rng: np.random.Generator) -> dict[str, str]:
