@@ -33,6 +33,7 @@ import parastep
 from launcher.models import LoadedModel, builtin_name, call_pipeline, extract_media, load_models
 from launcher.protocol import GenerateRequest
 from parastep.metrics import psnr, ssim
+from parastep.registry import spec_for
 
 log = logging.getLogger("launcher.bench")
 
@@ -154,18 +155,63 @@ def _run_one(rank: int, session: Session, name: str, model: LoadedModel, req: Ge
     return run
 
 
+def _latent_seconds(model: LoadedModel, req: GenerateRequest, config: Any = None) -> float:
+    handle = parastep.apply(model.pipe, config) if config else None
+    try:
+        return call_pipeline(model, req, latent_only=True)[1]
+    finally:
+        if handle:
+            handle.remove()
+
+
+def _pairs(model: LoadedModel, req: GenerateRequest, n: int) -> list[tuple[float, float]]:
+    """``n`` back-to-back (baseline, ParaStep degree 1) timings, order alternating so drift cancels."""
+    hooked = parastep.ParaStepConfig(degree=1)
+    out = []
+    for i in range(n):
+        if i % 2:
+            base, hook = _latent_seconds(model, req), _latent_seconds(model, req, hooked)
+        else:
+            hook, base = _latent_seconds(model, req, hooked), _latent_seconds(model, req)
+        out.append((base, hook))
+    return out
+
+
 def _hook_cost(session: Session, name: str, model: LoadedModel) -> dict[str, Any]:
-    """Relative cost of the hooks with nothing to parallelise: ``hook_pairs`` back-to-back pairs
-    (baseline, ParaStep degree 1) of the same request, so drift cancels within each pair."""
+    """The hooks' cost with nothing to parallelise, two ways (latents only, no decoding):
+
+    - ``median_pct``: ParaStep degree 1 against the baseline, ``hook_pairs`` back-to-back pairs;
+      honest but as noisy as the machine;
+    - ``us_per_step``: the same pairs with the denoiser's output cached (a null denoiser), where
+      a step costs only the pipeline, the scheduler and the hooks, so microseconds show;
+      ``pct_of_step`` relates them to the real baseline's step time.
+    """
     req = _request(name, model, session, 0)
-    base, ratios = Method("baseline-1rank", "baseline"), []
-    for i in range(session.hook_pairs):
-        order = (base, Method("parastep-1", "parastep", 1))
-        walls = {m.kind: _run_one(0, session, name, model, req, m).wall_s for m in (order if i % 2 else order[::-1])}
-        ratios.append(walls["parastep"] / walls["baseline"])
+    real = _pairs(model, req, session.hook_pairs)
+    ratios = [h / b for b, h in real]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    denoiser = getattr(model.pipe, spec_for(model.pipe).denoiser)
+    forward, own = denoiser.forward, denoiser.__dict__.get("forward")
+    cached: list[Any] = []
+
+    def null_forward(*args: Any, **kwargs: Any) -> Any:
+        if not cached:
+            cached.append(forward(*args, **kwargs))
+        return cached[0]
+
+    denoiser.forward = null_forward
+    try:
+        null = _pairs(model, req, session.hook_pairs)
+    finally:
+        if own is None:
+            del denoiser.forward
+        else:
+            denoiser.forward = own
+    us = 1e6 * statistics.median(h - b for b, h in null) / session.steps
+    step_us = 1e6 * statistics.median(b for b, _ in real) / session.steps
     return dict(pairs=len(ratios), median_pct=100 * (statistics.median(ratios) - 1),
-                q1_pct=100 * (q[0] - 1), q3_pct=100 * (q[2] - 1))
+                q1_pct=100 * (q[0] - 1), q3_pct=100 * (q[2] - 1),
+                us_per_step=us, step_ms=step_us / 1000, pct_of_step=100 * us / step_us)
 
 
 def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
@@ -192,7 +238,8 @@ def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
                 continue
             if kind == "hooks":
                 session_hooks[value[0]] = value[1]
-                print(f"[{session.label}] {value[0]} hook cost: {value[1]['median_pct']:+.2f} %", file=sys.stderr, flush=True)
+                print(f"[{session.label}] {value[0]} hook cost: {value[1]['median_pct']:+.2f} %, "
+                      f"{value[1]['us_per_step']:.0f} us per step", file=sys.stderr, flush=True)
                 continue
             runs.append(value)
             print(f"[{session.label} {len(runs)}/{total}] {value.model} {value.method} seed {value.seed}: "
@@ -368,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nhook cost with nothing to parallelise (ParaStep degree 1 / baseline, {args.hook_pairs} "
           f"back-to-back pairs, T={args.steps}):")
     for model, h in hooks.items():
-        print(f"  {model}: median {h['median_pct']:+.2f} %  (quartiles {h['q1_pct']:+.2f} % .. {h['q3_pct']:+.2f} %)")
+        print(f"  {model}: median {h['median_pct']:+.2f} %  (quartiles {h['q1_pct']:+.2f} % .. {h['q3_pct']:+.2f} %); "
+              f"on a null denoiser the hooks add {h['us_per_step']:.0f} us per step = {h['pct_of_step']:.2f} % "
+              f"of the baseline's {h['step_ms']:.1f} ms step")
     (args.out / "bench.json").write_text(json.dumps(dict(
         command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
         cores=cores, ranks=ranks, seconds=time.perf_counter() - started, rows=rows, hook_cost=hooks),

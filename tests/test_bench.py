@@ -26,7 +26,9 @@ def test_bench_table(tmp_path):
     rows = result["rows"]
     hooks = result["hook_cost"]
     assert list(hooks) == [rows[0]["model"]] and hooks[rows[0]["model"]]["pairs"] == 3
-    assert math.isfinite(hooks[rows[0]["model"]]["median_pct"]) and hooks[rows[0]["model"]]["median_pct"] != 0
+    h = hooks[rows[0]["model"]]
+    assert math.isfinite(h["median_pct"]) and h["median_pct"] != 0
+    assert h["step_ms"] > 0 and h["pct_of_step"] == 100 * h["us_per_step"] / (1000 * h["step_ms"]) != 0
     assert any(line.strip().startswith(rows[0]["model"] + ": median") for line in lines)
     assert (out / "bench.png").stat().st_size > 1000
     by = {(r["session"], r["method"]): r for r in rows}
