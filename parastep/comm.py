@@ -137,16 +137,12 @@ class Comm:
         _collect_slots(skeleton, slots)
         received, offset = [], n_blob + (-n_blob % 8)
         for slot in slots:
-            nbytes = math.prod(slot.shape) * _itemsize(slot.dtype)
+            nbytes = math.prod(slot.shape) * slot.dtype.itemsize
             # clone: an aligned tensor of its own, not a view into the shared buffer
             t = buf[offset:offset + nbytes].clone().view(slot.dtype).reshape(slot.shape)
             received.append(t.cpu() if slot.on_cpu else t)
             offset += nbytes + (-nbytes % 8)
         return _fill(skeleton, received)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _strip(obj: Any, tensors: list[torch.Tensor]) -> Any:
