@@ -1,4 +1,4 @@
-"""A thin layer over a ProcessGroup: point-to-point and broadcast with byte counts and timeouts.
+"""A thin layer over a ProcessGroup: point-to-point messages with byte counts and timeouts.
 
 Works with any backend: tensors travel on ``device`` (CUDA for NCCL, CPU for gloo); the
 library never creates or destroys a process group.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import struct
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -16,14 +17,12 @@ import torch.distributed as dist
 
 from .errors import CommError
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-           torch.uint8, torch.bool, torch.int8, torch.int16, torch.complex64]
-_MAX_DIMS = 8
+_HEAD = 16  # two int64 in front of every message: the pickled skeleton's length, the message's length
 
 
 @dataclass(frozen=True)
 class _Slot:
-    """Stands for a tensor inside a broadcast object; the tensor itself travels separately."""
+    """Stands for a tensor inside a message's skeleton; the tensor's bytes follow the skeleton."""
 
     index: int
     shape: tuple[int, ...]
@@ -32,8 +31,16 @@ class _Slot:
 
 
 class Comm:
-    """Per window: one message per peer (its shape header only the first time per key and call)
-    and two broadcasts (sizes; pickled skeleton and every tensor's bytes in one buffer)."""
+    """Messages between the ranks of a group: any picklable object holding tensors, sent as
+    one byte buffer (see :func:`_pack`). A message whose skeleton (everything but the tensors'
+    values) is that of the channel's last message leaves it out: pickling it cost as much as
+    the rest of a message (~40 us of ~75 us after a denoiser call).
+
+    Per call and direction, sender and receiver agree on the buffer's size (the largest so
+    far), so a receive can be posted before its message is sent (:meth:`expect`). A message
+    larger than the agreed size travels as a header padded to that size, then a second buffer
+    of the new size; a call's first message on a channel is such a header.
+    """
 
     def __init__(self, group: dist.ProcessGroup, timeout_s: float):
         self.group = group
@@ -43,12 +50,20 @@ class Comm:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._pending: list[tuple[dist.Work, int]] = []
-        self._known: dict[tuple[int, Any], tuple[tuple[int, ...], torch.dtype]] = {}
+        self._posted: dict[int, tuple[dist.Work, torch.Tensor]] = {}  # src -> receive posted early
+        self._agreed: dict[tuple[bool, int], int] = {}  # (sending, peer) -> buffer bytes
+        self._skeletons: dict[tuple[bool, int], Any] = {}  # (sending, peer) -> last message's skeleton
 
     def begin_call(self) -> None:
-        """Starts a pipeline call: zero the byte counts, forget the shapes seen."""
+        """Starts a pipeline call: zero the byte counts, forget the agreed sizes."""
+        if self._posted or self._pending:
+            raise CommError(
+                "the previous pipeline call on this process group stopped mid-window, so messages of "
+                "it may still be queued in the group: create a new process group "
+                "(torch.distributed.new_group) and call parastep.apply with it")
         self.bytes_sent = self.bytes_received = 0
-        self._known.clear()
+        self._agreed.clear()
+        self._skeletons.clear()
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
@@ -63,86 +78,108 @@ class Comm:
             raise CommError(f"rank {peer} did not complete {what} within "
                             f"{self.timeout.total_seconds():g}s")
 
-    # -- point to point -------------------------------------------------------------
-    def send(self, tensor: torch.Tensor, dst: int, key: Any = None) -> None:
-        """Starts sending ``tensor``; completion is awaited by :meth:`flush`. The shape travels
-        only with the first tensor of each ``key`` in a call (sender and receiver count alike)."""
-        tensor = tensor.contiguous()
-        wire = [tensor]
-        if (dst, key) not in self._known:
-            if tensor.dim() > _MAX_DIMS:
-                raise CommError(f"cannot send a tensor with more than {_MAX_DIMS} dimensions")
-            header = torch.zeros(_MAX_DIMS + 2, dtype=torch.int64, device=tensor.device)
-            header[0], header[1] = tensor.dim(), _DTYPES.index(tensor.dtype)
-            header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-            wire.insert(0, header)
-            self._known[(dst, key)] = (tuple(tensor.shape), tensor.dtype)
+    def _irecv(self, src: int, nbytes: int, device: torch.device) -> tuple[dist.Work, torch.Tensor]:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return dist.irecv(buf, self._global(src), self.group), buf
+
+    def expect(self, src: int, device: torch.device) -> None:
+        """Posts the receive of ``src``'s next message now, when tensors are on the CPU (gloo):
+        a receive posted only once the message is due makes gloo's sender wait for it, and that
+        sender has by then gone back to computing (milliseconds per window on a 2-core machine,
+        docs/BENCHMARKS.md). NCCL runs a pair's operations in order on one stream, where a
+        receive posted ahead of a send in the other direction would deadlock: there
+        :meth:`recv` posts it."""
+        if device.type == "cpu" and src not in self._posted:
+            self._posted[src] = self._irecv(src, max(self._agreed.get((False, src), 0), _HEAD), device)
+
+    def send(self, obj: Any, dst: int, device: torch.device) -> None:
+        """Starts sending ``obj`` to ``dst``; :meth:`flush` awaits completion."""
+        agreed = max(self._agreed.get((True, dst), 0), _HEAD)
+        tensors: list[torch.Tensor] = []
+        skeleton = _strip(obj, tensors)
+        same = _same_skeleton(skeleton, self._skeletons.get((True, dst), _NONE))
+        self._skeletons[(True, dst)] = skeleton
+        buf = _pack(b"" if same else pickle.dumps(skeleton), tensors, device)
+        size = buf.numel()
+        wire = [_padded_to(buf, agreed)] if size <= agreed else [_padded_to(buf[:_HEAD], agreed), buf]
         for t in wire:
             self._pending.append((dist.isend(t, self._global(dst), self.group), dst))
-            self.bytes_sent += t.numel() * t.element_size()
+            self.bytes_sent += t.numel()
+        self._agreed[(True, dst)] = max(agreed, size)
 
-    def recv(self, src: int, device: torch.device, key: Any = None) -> torch.Tensor:
-        if (src, key) not in self._known:
-            header = torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=device)
-            self._wait(dist.irecv(header, self._global(src), self.group), src, "sending a prediction")
-            self.bytes_received += header.numel() * header.element_size()
-            ndim = int(header[0])
-            self._known[(src, key)] = (tuple(header[2:2 + ndim].tolist()), _DTYPES[int(header[1])])
-        shape, dtype = self._known[(src, key)]
-        out = torch.empty(shape, dtype=dtype, device=device)
-        self._wait(dist.irecv(out, self._global(src), self.group), src, "sending a prediction")
-        self.bytes_received += out.numel() * out.element_size()
-        return out
+    def recv(self, src: int, device: torch.device) -> Any:
+        """``src``'s next message (its receive posted by :meth:`expect`, or now)."""
+        posted = self._posted.pop(src, None)
+        work, first = posted or self._irecv(src, max(self._agreed.get((False, src), 0), _HEAD), device)
+        self._wait(work, src, f"sending to rank {self.rank}")
+        n_blob, size = first[:_HEAD].view(torch.int64).tolist()
+        self.bytes_received += first.numel()
+        buf = first
+        if size > first.numel():
+            work, buf = self._irecv(src, size, device)
+            self._wait(work, src, f"sending to rank {self.rank}")
+            self.bytes_received += size
+        self._agreed[(False, src)] = max(first.numel(), size)
+        if n_blob:
+            self._skeletons[(False, src)] = pickle.loads(buf[_HEAD:_HEAD + n_blob].cpu().numpy().tobytes())
+        return _unpack(buf, n_blob, self._skeletons[(False, src)])
 
     def flush(self) -> None:
         """Waits for every send started by :meth:`send`."""
         pending, self._pending = self._pending, []
         for work, peer in pending:
-            self._wait(work, peer, "receiving a prediction")
+            self._wait(work, peer, f"receiving from rank {self.rank}")
 
-    # -- broadcast ------------------------------------------------------------------
-    def _broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
-        work = dist.broadcast(tensor, self._global(src), self.group, async_op=True)
-        self._wait(work, src, "the window broadcast")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.rank == src:
-            self.bytes_sent += nbytes * (self.size - 1)
-        else:
-            self.bytes_received += nbytes
 
-    def broadcast(self, obj: Any, device: torch.device, src: int = 0) -> Any:
-        """Returns ``src``'s ``obj`` on every rank in two collectives: the sizes, then one byte
-        buffer holding the pickled skeleton followed by every tensor (each padded to 8 bytes)."""
-        if self.rank == src:
-            tensors: list[torch.Tensor] = []
-            blob = pickle.dumps(_strip(obj, tensors))
-            parts = [torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device),
-                     torch.zeros(-len(blob) % 8, dtype=torch.uint8, device=device)]
-            for t in tensors:
-                raw = t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
-                parts += [raw, torch.zeros(-raw.numel() % 8, dtype=torch.uint8, device=device)]
-            buf = torch.cat(parts)
-            sizes = torch.tensor([len(blob), buf.numel()], dtype=torch.int64, device=device)
-        else:
-            sizes = torch.empty(2, dtype=torch.int64, device=device)
-        self._broadcast_tensor(sizes, src)
-        if self.rank != src:
-            buf = torch.empty(int(sizes[1]), dtype=torch.uint8, device=device)
-        self._broadcast_tensor(buf, src)
-        if self.rank == src:
-            return obj
-        n_blob = int(sizes[0])
-        skeleton = pickle.loads(buf[:n_blob].cpu().numpy().tobytes())
-        slots: list[_Slot] = []
-        _collect_slots(skeleton, slots)
-        received, offset = [], n_blob + (-n_blob % 8)
-        for slot in slots:
-            nbytes = math.prod(slot.shape) * slot.dtype.itemsize
-            # clone: an aligned tensor of its own, not a view into the shared buffer
-            t = buf[offset:offset + nbytes].clone().view(slot.dtype).reshape(slot.shape)
-            received.append(t.cpu() if slot.on_cpu else t)
-            offset += nbytes + (-nbytes % 8)
-        return _fill(skeleton, received)
+def _pad8(n: int) -> int:
+    return n + -n % 8
+
+
+def _padded_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.numel() >= n:
+        return t
+    return torch.cat([t, torch.zeros(n - t.numel(), dtype=torch.uint8, device=t.device)])
+
+
+def _pack(blob: bytes, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One byte buffer on ``device``: the header, the pickled skeleton ``blob`` (empty: the
+    channel's last), then every tensor's bytes, each part padded to 8 bytes."""
+    raws = [t.detach().to(device).contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    host = bytearray(_HEAD + _pad8(len(blob)))
+    struct.pack_into("=qq", host, 0, len(blob), len(host) + sum(_pad8(r.numel()) for r in raws))
+    host[_HEAD:_HEAD + len(blob)] = blob
+    parts = [torch.frombuffer(host, dtype=torch.uint8).to(device)]
+    return torch.cat(parts + [_padded_to(r, _pad8(r.numel())) for r in raws])
+
+
+def _unpack(buf: torch.Tensor, n_blob: int, skeleton: Any) -> Any:
+    slots: list[_Slot] = []
+    _collect_slots(skeleton, slots)
+    received, offset = [], _HEAD + _pad8(n_blob)
+    for slot in slots:
+        nbytes = math.prod(slot.shape) * slot.dtype.itemsize
+        # clone: a tensor of its own, not a view that keeps the whole buffer alive
+        t = buf[offset:offset + nbytes].clone().view(slot.dtype).reshape(slot.shape)
+        received.append(t.cpu() if slot.on_cpu else t)
+        offset += _pad8(nbytes)
+    return _fill(skeleton, received)
+
+
+_NONE = object()  # no skeleton yet
+
+
+def _same_skeleton(a: Any, b: Any) -> bool:
+    """Equal and of the same types throughout (1, 1.0 and True differ; so does NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same_skeleton, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_skeleton(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. a numpy array in the scheduler's state: send the skeleton again
+        return False
 
 
 def _strip(obj: Any, tensors: list[torch.Tensor]) -> Any:

@@ -3,7 +3,7 @@
 Two per-instance wrappers do all the work: one around the denoiser's ``forward`` (which
 decides, per denoiser call, to compute, reuse, receive or take a precomputed prediction) and
 one around ``scheduler.step`` (which marks step boundaries and, for ParaStep, ends windows
-with rank 0's broadcast). ``scheduler.set_timesteps`` starts a new pipeline call, so state is
+with rank 0 sending every rank the latents). ``scheduler.set_timesteps`` starts a new pipeline call, so state is
 reset automatically. Nothing at class level is touched; ``Handle.remove()`` restores all.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .comm import Comm
 from .config import BatchStepConfig, ParaStepConfig
-from .errors import ConfigError, UnsupportedPipelineError, UnsupportedSchedulerError
+from .errors import CommError, ConfigError, UnsupportedPipelineError, UnsupportedSchedulerError
 from .registry import spec_for
 from .stats import RunStats, StepRecord
 
@@ -96,18 +96,22 @@ class _Denoise:
 
 class _ParaStep:
     """Reuse-then-predict: rank r reuses its cache to reach step k+r of the window, computes it
-    and sends it to rank 0; rank 0 applies the P predictions in order and broadcasts."""
+    and sends it to rank 0; rank 0 applies the P predictions in order and sends the latents
+    (and the scheduler state later steps read) to every rank."""
 
     def __init__(self, config: ParaStepConfig, comm: Comm | None, degree: int, scheduler: Any):
         self.warmup, self.degree, self.comm = config.warmup_steps, degree, comm
         self.rank = comm.rank if comm else 0
         self.scheduler = scheduler
         self.cache: dict[int, Any] = {}  # denoiser call index within a step -> raw output
+        self.outbox: dict[int, torch.Tensor] = {}  # this rank's predictions of its step, for rank 0
+        self.inbox: dict[int, torch.Tensor] = {}  # a peer's predictions of the current step (rank 0)
         self.snapshot: dict[str, Any] = {}
         self.feeds_back = _step_feeds_back(scheduler)
 
     def begin(self, call: _Call) -> None:
         self.cache.clear()
+        self.outbox, self.inbox = {}, {}
         self.snapshot = _state_snapshot(self.scheduler)
         if self.comm:
             self.comm.begin_call()
@@ -121,32 +125,64 @@ class _ParaStep:
     def denoise(self, call: _Call, index: int, d: _Denoise) -> tuple[str, Any]:
         j = self._position(call.step)
         if j is not None and self.rank == 0 and j > 0:
-            template = self.cache.get(index, (None,))
-            return "received", _with_main(template, self.comm.recv(j, d.sample.device, key=index))
+            if index == 0:  # the prediction lives where the latents do: scheduler.step combines them
+                self.inbox = self.comm.recv(j, call.latents.device)
+            if index not in self.inbox:
+                raise CommError(f"rank {j} sent no prediction for denoiser call {index} of step {call.step}: "
+                                f"every rank must call the pipeline with the same arguments")
+            return "received", _with_main(self.cache.get(index, (None,)), self.inbox.pop(index))
         if j is not None and j != self.rank and index in self.cache:
             return "reused", self.cache[index]
         out = d.run()
         call.model_calls += 1
         self.cache[index] = out
         if j is not None and self.rank == j and j > 0:
-            self.comm.send(_main(out), 0, key=index)
+            self.outbox[index] = _main(out)
         return "computed", out
 
+    def before_step(self, call: _Call) -> None:
+        """A peer sends its step's predictions as soon as the denoiser is done with them."""
+        if self.outbox:
+            device = next(iter(self.outbox.values())).device
+            self.comm.send(self.outbox, 0, device)
+            self.outbox = {}
+
     def step(self, call: _Call, result: Any) -> Any:
-        j = self._position(call.step)
-        if j is None or (j < self.degree - 1 and call.step < call.steps - 1):
-            return result
+        s, j = call.step, self._position(call.step)
+        if j is not None and (j == self.degree - 1 or s == call.steps - 1):
+            result = self._end_window(call, result)
+        if self.comm and s + 1 < call.steps and (s == self.warmup - 1 or j == self.degree - 1):
+            self._open_window(s + 1, call.steps, _main(result).device)
+        return result
+
+    def _end_window(self, call: _Call, result: Any) -> Any:
         self.comm.flush()
         keys = _result_keys(result)
         shared = keys if self.feeds_back else keys[:1]
-        state = _changed_state(self.scheduler, self.snapshot) if self.rank == 0 else None
-        values, state = self.comm.broadcast(
-            ([result[k] for k in shared], state), device=_main(result).device)
+        device = _main(result).device
+        if self.rank == 0:
+            message = ([result[k] for k in shared], _changed_state(self.scheduler, self.snapshot))
+            for peer in range(1, self.comm.size):
+                self.comm.send(message, peer, device)
+            if call.step == call.steps - 1:
+                self.comm.flush()
+            return result
+        values, state = self.comm.recv(0, device)
         for name, value in state.items():
             setattr(self.scheduler, name, value)
         for k, v in zip(shared, values):
             result = _result_set(result, k, v)
         return result
+
+    def _open_window(self, k: int, steps: int, device: torch.device) -> None:
+        """Posts the receives of the window starting at step ``k`` as early as possible (see
+        Comm.expect): posted later, after a peer's send (measured), a receive's notice reaches
+        rank 0 while it steps and sends: 0.163 s instead of 0.122 s per image call on 2 cores."""
+        if self.rank == 0:
+            for peer in range(1, min(self.degree, steps - k)):
+                self.comm.expect(peer, device)
+        else:
+            self.comm.expect(0, device)
 
 
 class _BatchStep:
@@ -254,6 +290,9 @@ class _BatchStep:
             f"BatchStep cannot map the scheduler timestep {float(t):g} to the denoiser's timestep "
             f"argument of {self.pipe_name}; use ParaStep or the baseline for this pipeline.")
 
+    def before_step(self, call: _Call) -> None:
+        pass
+
     def step(self, call: _Call, result: Any) -> Any:
         return result
 
@@ -281,11 +320,12 @@ def _result_keys(result: Any) -> list:
 
 
 def _result_set(result: Any, key: Any, value: Any) -> Any:
+    """``result`` with ``key`` set: a new tuple, or the same BaseOutput (its ``__setitem__``
+    sets the attribute too) -- step() returned it just now, nothing else holds it."""
     if isinstance(result, tuple):
         return result[:key] + (value,) + result[key + 1:]
-    fields = dict(result)
-    fields[key] = value
-    return type(result)(**fields)
+    result[key] = value
+    return result
 
 
 def _step_feeds_back(scheduler: Any) -> bool:
@@ -402,6 +442,7 @@ class Handle:
             call = self._call
             if call is None:
                 return step(*args, **kwargs)
+            self.strategy.before_step(call)
             result = self.strategy.step(call, step(*args, **kwargs))
             call.guided = kwargs["model_output"] if "model_output" in kwargs else args[i_output]
             timestep = kwargs["timestep"] if "timestep" in kwargs else args[i_timestep]

@@ -115,7 +115,7 @@ def test_rank0_equals_the_replayed_algorithm(two_ranks, name):
     assert r0["actions"][:W] == ["computed"] * W
     assert r0["actions"][W:] == ["computed", "received"] * ((T - W) // 2) + ["computed"] * ((T - W) % 2)
     assert r1["actions"][W:W + 2] == ["reused", "computed"]
-    # P-1 predictions in, one broadcast out per window: rank 1 sends what rank 0 receives
+    # P-1 predictions in, the latents out, per window: rank 1 sends what rank 0 receives
     assert r1["sent"] == r0["received"] > 0 and r0["sent"] == r1["received"] > 0
 
 
@@ -136,44 +136,90 @@ def test_every_rank_holds_the_same_latents_and_scheduler_state_after_each_window
     assert not torch.equal(w0[W][0], w1[W][0])  # inside a window the ranks really diverge
 
 
-def comm_exchange(rank: int) -> dict:
+def _messages() -> list:
+    """A call's messages on one channel: one; the same skeleton with new values; smaller; larger
+    (mixed dtypes, nested state); the same but for one value's type; numpy state twice; then,
+    after a new call begins, the first again."""
+    import numpy as np
+
+    one = ([torch.full((2, 8), 1.0)], {})
+
+    def larger(lower):
+        return ([torch.arange(16, dtype=torch.float16).reshape(2, 8)],
+                {"model_outputs": [torch.arange(40, dtype=torch.int16), None], "lower_order_nums": lower,
+                 "mask": torch.tensor([True, False, True]), "t": (torch.linspace(0, 1, 10).double(), "dpm")})
+
+    numpy_state = ([torch.full((2, 8), 6.0)], {"sigmas": np.array([1.0, 0.5])})
+    return [one, ([torch.full((2, 8), 2.0)], {}), ([torch.full((2, 3), 3.0)], {}), larger(2), larger(2.0),
+            numpy_state, numpy_state, "new call", one]
+
+
+def comm_messages(rank: int) -> dict:
     comm = Comm(dist.group.WORLD, timeout_s=10)
-    obj = {"x": torch.arange(3, dtype=torch.float16), "state": [torch.tensor([1, 2, 3]), 7, None],
-           "mask": torch.tensor([True, False, True]), "t": (torch.randn(2, 5).double(), "dpm")}
-    got = comm.broadcast(obj if rank == 0 else None, torch.device("cpu"))
-    sizes = []
-    for _ in range(3):  # the same key thrice in one call, then a new call
+    cpu = torch.device("cpu")
+    got, deltas = [], []
+    for i, message in enumerate(_messages()):
+        if message == "new call":
+            comm.begin_call()
+            continue
         before = comm.bytes_sent + comm.bytes_received
         if rank == 1:
-            comm.send(torch.full((4, 3), 1.5), 0, key=0)
+            comm.send(message, 0, cpu)
             comm.flush()
         else:
-            got["p2p"] = comm.recv(1, torch.device("cpu"), key=0)
-        sizes.append(comm.bytes_sent + comm.bytes_received - before)
-    comm.begin_call()
-    if rank == 1:
-        comm.send(torch.ones(2), 0, key=0)
-        comm.flush()
+            if i % 2:
+                comm.expect(1, cpu)  # posted before the message is sent, as ParaStep's windows do
+            got.append(comm.recv(1, cpu))
+        deltas.append(comm.bytes_sent + comm.bytes_received - before)
+    refused = None
+    if rank == 0:  # a call cannot begin while a receive of the last one is still posted
+        comm.expect(1, cpu)
+        try:
+            comm.begin_call()
+        except parastep.CommError as exc:
+            refused = str(exc)
+        comm.recv(1, cpu)
     else:
-        got["new call"] = comm.recv(1, torch.device("cpu"), key=0)
-    return dict(got=got, sizes=sizes)
+        comm.send(torch.ones(1), 0, cpu)
+        comm.flush()
+    expected = [m for m in _messages() if m != "new call"]
+    matches = [(_same(e, g), repr((e, g))) for e, g in zip(expected, got)]  # compared here: no conversion
+    return dict(matches=matches, received=len(got), deltas=deltas, refused=refused)
 
 
-def test_comm_carries_mixed_tensors_exactly_and_shapes_once_per_key():
-    r0, r1 = run_ranks(comm_exchange, 2)
-    sent, received = r0["got"], r1["got"]
-    for key in ("x", "mask"):
-        assert received[key].dtype == sent[key].dtype and torch.equal(received[key], sent[key])
-    assert torch.equal(received["state"][0], sent["state"][0]) and received["state"][1:] == [7, None]
-    assert torch.equal(received["t"][0], sent["t"][0]) and received["t"][1] == "dpm"
-    assert torch.equal(r0["got"]["p2p"], torch.full((4, 3), 1.5))
-    header = (8 + 2) * 8
-    assert r0["sizes"] == r1["sizes"] == [header + 48, 48, 48]  # the shape travels once per key
-    assert torch.equal(r0["got"]["new call"], torch.ones(2))  # a new call sends its shape again
+def _same(a, b) -> bool:
+    """Equal values of equal types all the way down."""
+    import numpy as np
+
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_messages_arrive_exactly_in_one_buffer_of_the_size_agreed_in_the_call():
+    r0, r1 = run_ranks(comm_messages, 2)
+    assert r0["received"] == len(_messages()) - 1
+    for same, both in r0["matches"]:
+        assert same, both
+    first, same, smaller, larger, *_, new_call = r0["deltas"]
+    assert r1["deltas"] == r0["deltas"]  # what rank 1 sends, rank 0 receives
+    assert first == 16 + same  # a call's first message: a 16-byte header, then the buffer
+    assert smaller == same  # one buffer of the agreed size (padded)
+    assert larger > 2 * same  # the header padded to the agreed size, then the larger buffer
+    assert new_call == first  # a new call agrees its sizes again
+    assert "stopped mid-window" in r0["refused"] and "new_group" in r0["refused"]
 
 
 def three_rank_degree(rank: int) -> tuple:
-    """Degree 2 on a group of 3: rank 2 follows the broadcasts without computing."""
+    """Degree 2 on a group of 3: rank 2 follows rank 0's latents without computing."""
     pipe = toy_pipeline()
     handle = parastep.apply(pipe, parastep.ParaStepConfig(warmup_steps=3, degree=2))
     pe, ne = toy_embeds()
