@@ -49,10 +49,12 @@ def test_peer_killed_mid_run_then_stopped(app: AppProcess) -> None:
     assert status(client)["world_size"] == 3
     rank1, rank2 = app.peer_pids()  # spawned in rank order
 
-    # 1. Rank 2 is killed in the middle of a ParaStep run.
+    # 1. Rank 2 is killed in the middle of a ParaStep run: once it streams its first preview.
     job = client.submit(*request(steps=200), api_name="/generate")
-    time.sleep(3)
-    assert not job.done(), "the run finished before the kill: raise its steps"
+    deadline = time.monotonic() + 60
+    while not job.outputs() and not job.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.outputs() and not job.done(), "the run must be in progress when rank 2 is killed"
     os.kill(rank2, signal.SIGKILL)
     killed = time.monotonic()
     with pytest.raises(AppError) as err:
