@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import parastep
 from launcher.models import LoadedModel, builtin_name, call_pipeline, extract_media, load_models
 from launcher.protocol import GenerateRequest
+from launcher.topology import core_share
 from parastep.metrics import psnr, ssim
 from parastep.registry import spec_for
 
@@ -98,6 +99,9 @@ def _request(name: str, model: LoadedModel, session: Session, seed: int) -> Gene
 
 def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cores = (os.sched_getaffinity(0), core_share(rank, session.ranks))  # (all, this rank's), as the app pins
+    if cores[1]:
+        os.sched_setaffinity(0, cores[1])
     torch.set_num_threads(session.threads)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -112,7 +116,7 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
                     dist.barrier()
                     if rank > 0 and not method.on_all_ranks:
                         continue
-                    run = _run_one(rank, session, name, model, req, method)
+                    run = _run_one(rank, session, name, model, req, method, cores)
                     if rank == 0:
                         queue.put(("run", run))
             if rank == 0 and session.hook_pairs:
@@ -129,15 +133,18 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
 
 
 def _run_one(rank: int, session: Session, name: str, model: LoadedModel, req: GenerateRequest,
-             method: Method) -> Run | None:
+             method: Method, cores: tuple[set[int], set[int]]) -> Run | None:
     config = _config(method, session.warmup)
     handle = parastep.apply(model.pipe, config) if config else None
     if method.all_cores:
+        os.sched_setaffinity(0, cores[0])
         torch.set_num_threads(session.all_cores)
     try:
         out, seconds = call_pipeline(model, req, latent_only=rank > 0)
     finally:
         torch.set_num_threads(session.threads)
+        if method.all_cores and cores[1]:
+            os.sched_setaffinity(0, cores[1])
         if handle:
             handle.remove()
     stats = handle.last_stats if handle else None
@@ -375,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="back-to-back (baseline, degree-1) pairs per model measuring the hooks' cost (0: skip)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     ranks = args.ranks or (torch.cuda.device_count() or cores)
     if ranks < 2:
         p.error("ParaStep needs at least 2 ranks: pass --ranks 2")

@@ -68,6 +68,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def core_share(local_rank: int, local_world: int) -> set[int]:
+    """This rank's own share of the cores the process may use (empty with fewer cores than ranks).
+
+    A CPU rank pinned to it (``os.sched_setaffinity``) before its process group exists keeps
+    gloo's threads on its cores too: unpinned, ParaStep's messages waited milliseconds for a
+    core whenever another thread held it (docs/BENCHMARKS.md).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // max(1, local_world)
+    return set(cores[local_rank * share:(local_rank + 1) * share])
+
+
 def start(ranks: int, threads_per_rank: int | None, argv: list[str]) -> Topology:
     """Initialise the default process group for this process; spawn peers if we are the launcher.
 
@@ -95,9 +107,11 @@ def start(ranks: int, threads_per_rank: int | None, argv: list[str]) -> Topology
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        cores = os.cpu_count() or 1
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(threads_per_rank or max(1, cores // max(1, local_world)))
+        mine = core_share(local_rank, local_world)
+        if mine and (threads_per_rank or len(mine)) <= len(mine):
+            os.sched_setaffinity(0, mine)
+        torch.set_num_threads(threads_per_rank or max(1, len(mine)))
     # The default group is only used to rendezvous and build ParaStep groups; idle peers
     # wait on the store (launcher.control), never in a collective, so a long time-out is safe.
     dist.init_process_group(
