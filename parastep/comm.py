@@ -166,20 +166,20 @@ def _unpack(buf: torch.Tensor, n_blob: int, skeleton: Any) -> Any:
 
 
 _NONE = object()  # no skeleton yet
+_IMMUTABLE = (_Slot, int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
 
 
 def _same_skeleton(a: Any, b: Any) -> bool:
-    """Equal and of the same types throughout (1, 1.0 and True differ; so does NaN)."""
+    """Equal, of the same types throughout (1, 1.0 and True differ; so does NaN), and built of
+    values that cannot change in place: a numpy array in scheduler state, say, may have changed
+    while still being the same object, so it travels again."""
     if type(a) is not type(b):
         return False
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(map(_same_skeleton, a, b))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same_skeleton(a[k], b[k]) for k in a)
-    try:
-        return bool(a == b)
-    except Exception:  # e.g. a numpy array in the scheduler's state: send the skeleton again
-        return False
+    return isinstance(a, _IMMUTABLE) and a == b
 
 
 def _strip(obj: Any, tensors: list[torch.Tensor]) -> Any:

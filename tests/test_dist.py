@@ -204,6 +204,24 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def test_a_skeleton_is_left_out_only_when_nothing_in_it_can_differ():
+    import numpy as np
+
+    from parastep.comm import _same_skeleton, _strip
+
+    def skeleton(state):
+        return _strip(([torch.zeros(2, 3)], state), [])
+
+    assert _same_skeleton(skeleton({"lower": 2, "kind": "dpm", "t": None}), skeleton({"lower": 2, "kind": "dpm", "t": None}))
+    assert not _same_skeleton(skeleton({"lower": 2}), skeleton({"lower": 2.0}))  # the type changed
+    assert not _same_skeleton(skeleton({"lower": 1}), skeleton({"lower": True}))
+    assert not _same_skeleton(skeleton({"x": float("nan")}), skeleton({"x": float("nan")}))
+    assert not _same_skeleton(_strip([torch.zeros(2, 3)], []), _strip([torch.zeros(3, 2)], []))  # shape
+    assert not _same_skeleton(_strip([torch.zeros(2)], []), _strip([torch.zeros(2).double()], []))  # dtype
+    sigmas = np.array([1.0])  # the same object, perhaps changed in place: it must travel again
+    assert not _same_skeleton(skeleton({"sigmas": sigmas}), skeleton({"sigmas": sigmas}))
+
+
 def test_messages_arrive_exactly_in_one_buffer_of_the_size_agreed_in_the_call():
     r0, r1 = run_ranks(comm_messages, 2)
     assert r0["received"] == len(_messages()) - 1
