@@ -84,11 +84,10 @@ class Comm:
 
     def expect(self, src: int, device: torch.device) -> None:
         """Posts the receive of ``src``'s next message now, when tensors are on the CPU (gloo):
-        a receive posted only once the message is due makes gloo's sender wait for it, and that
-        sender has by then gone back to computing (milliseconds per window on a 2-core machine,
-        docs/BENCHMARKS.md). NCCL runs a pair's operations in order on one stream, where a
-        receive posted ahead of a send in the other direction would deadlock: there
-        :meth:`recv` posts it."""
+        posted only once the message was due, ParaStep-2 windows on the 2-core image run were
+        slower and more often stalled (docs/BENCHMARKS.md). NCCL runs a pair's operations in
+        order on one stream, where a receive posted ahead of a send in the other direction
+        would deadlock: there :meth:`recv` posts it."""
         if device.type == "cpu" and src not in self._posted:
             self._posted[src] = self._irecv(src, max(self._agreed.get((False, src), 0), _HEAD), device)
 
