@@ -78,6 +78,10 @@ class Comm:
             raise CommError(f"rank {peer} did not complete {what} within "
                             f"{self.timeout.total_seconds():g}s")
 
+    def _agreed_size(self, sending: bool, peer: int) -> int:
+        """The buffer size agreed with ``peer`` in this direction (a bare header before any)."""
+        return max(self._agreed.get((sending, peer), 0), _HEAD)
+
     def _irecv(self, src: int, nbytes: int, device: torch.device) -> tuple[dist.Work, torch.Tensor]:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return dist.irecv(buf, self._global(src), self.group), buf
@@ -89,11 +93,11 @@ class Comm:
         order on one stream, where a receive posted ahead of a send in the other direction
         would deadlock: there :meth:`recv` posts it."""
         if device.type == "cpu" and src not in self._posted:
-            self._posted[src] = self._irecv(src, max(self._agreed.get((False, src), 0), _HEAD), device)
+            self._posted[src] = self._irecv(src, self._agreed_size(False, src), device)
 
     def send(self, obj: Any, dst: int, device: torch.device) -> None:
         """Starts sending ``obj`` to ``dst``; :meth:`flush` awaits completion."""
-        agreed = max(self._agreed.get((True, dst), 0), _HEAD)
+        agreed = self._agreed_size(True, dst)
         tensors: list[torch.Tensor] = []
         skeleton = _strip(obj, tensors)
         same = _same_skeleton(skeleton, self._skeletons.get((True, dst), _NONE))
@@ -109,7 +113,7 @@ class Comm:
     def recv(self, src: int, device: torch.device) -> Any:
         """``src``'s next message (its receive posted by :meth:`expect`, or now)."""
         posted = self._posted.pop(src, None)
-        work, first = posted or self._irecv(src, max(self._agreed.get((False, src), 0), _HEAD), device)
+        work, first = posted or self._irecv(src, self._agreed_size(False, src), device)
         self._wait(work, src, f"sending to rank {self.rank}")
         n_blob, size = first[:_HEAD].view(torch.int64).tolist()
         self.bytes_received += first.numel()
