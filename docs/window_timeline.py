@@ -26,8 +26,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import parastep  # noqa: E402
+from launcher.bench import request_for  # noqa: E402
 from launcher.models import call_pipeline, load_models  # noqa: E402
-from launcher.protocol import GenerateRequest  # noqa: E402
 from launcher.topology import core_share  # noqa: E402
 from parastep import comm  # noqa: E402
 
@@ -59,10 +59,7 @@ def _rank(rank: int, port: int, kind: str, calls: int, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     (name, model), = load_models([kind], [], torch.device("cpu")).items()
-    info = model.info
-    req = GenerateRequest(model=name, prompt=info.examples[0], steps=STEPS, warmup_steps=WARMUP,
-                          guidance_scale=info.default_guidance, seed=0, height=info.default_height,
-                          width=info.default_width, num_frames=info.default_frames, duration_s=info.default_duration_s)
+    req = request_for(name, model, STEPS, WARMUP, seed=0)
     events: list = []
     _timed(model.pipe.unet, "forward", "denoiser", events)
     _timed(type(model.pipe.scheduler), "step", "scheduler.step", events)
@@ -107,7 +104,8 @@ def main() -> None:
     print(f"built-in {args.model}, T={STEPS}, W={WARMUP}, 2 ranks; last of {args.calls} calls, "
           f"{len(windows)} windows")
     print(f"{'phase (median per window, ms)':32s}{'rank 0':>10s}{'rank 1':>10s}")
-    rest = {0: [b - a for a, b in windows], 1: [b - a for a, b in windows]}
+    spans = [b - a for a, b in windows]
+    rest = {0: spans, 1: spans}  # minus each top-level phase below
     for label, event, top in PHASES:
         cells = []
         for rank, events in enumerate((events0, events1)):
@@ -117,7 +115,6 @@ def main() -> None:
             cells.append(f"{1e3 * statistics.median(per_window):10.3f}")
         print(f"{label:32s}{''.join(cells)}")
     print(f"{'rest (pipeline loop, hooks)':32s}{''.join(f'{1e3 * statistics.median(r):10.3f}' for r in rest.values())}")
-    spans = [b - a for a, b in windows]
     print(f"{'window (rank 0 send to send)':32s}{1e3 * statistics.median(spans):10.3f}"
           f"   mean {1e3 * statistics.mean(spans):.3f}, max {1e3 * max(spans):.3f}, "
           f"{sum(w > 1.25 * statistics.median(spans) for w in spans)} over 1.25x the median")

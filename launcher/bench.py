@@ -89,10 +89,11 @@ def _config(method: Method, warmup: int) -> Any:
     return None
 
 
-def _request(name: str, model: LoadedModel, session: Session, seed: int) -> GenerateRequest:
+def request_for(name: str, model: LoadedModel, steps: int, warmup: int, seed: int) -> GenerateRequest:
+    """The request the benchmark measures: the model's first example prompt and its defaults."""
     info = model.info
     return GenerateRequest(model=name, prompt=info.examples[0] if info.examples else "a red circle",
-                           steps=session.steps, warmup_steps=session.warmup, guidance_scale=info.default_guidance,
+                           steps=steps, warmup_steps=warmup, guidance_scale=info.default_guidance,
                            seed=seed, height=info.default_height, width=info.default_width,
                            num_frames=info.default_frames, duration_s=info.default_duration_s)
 
@@ -108,10 +109,10 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=session.ranks, timeout=timedelta(minutes=30))
         models = load_models(list(session.builtins), list(session.extra), torch.device("cpu"))
         for name, model in models.items():
-            warm = replace(_request(name, model, session, 0), steps=2)
+            warm = replace(request_for(name, model, session.steps, session.warmup, 0), steps=2)
             call_pipeline(model, warm, latent_only=rank > 0)  # first-call costs stay out of the table
             for seed in session.seeds:
-                req = _request(name, model, session, seed)
+                req = request_for(name, model, session.steps, session.warmup, seed)
                 for method in session.methods:
                     dist.barrier()
                     if rank > 0 and not method.on_all_ranks:
@@ -193,7 +194,7 @@ def _hook_cost(session: Session, name: str, model: LoadedModel) -> dict[str, Any
       a step costs only the pipeline, the scheduler and the hooks, so microseconds show;
       ``pct_of_step`` relates them to the real baseline's step time.
     """
-    req = _request(name, model, session, 0)
+    req = request_for(name, model, session.steps, session.warmup, 0)
     real = _pairs(model, req, session.hook_pairs)
     ratios = [h / b for b, h in real]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
