@@ -20,14 +20,30 @@ from launcher.models import BUILTIN_KINDS
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to spawn when there is no GPU (default 2)")
-    parser.add_argument("--threads-per-rank", type=int, default=None,
-                        help="torch threads per CPU rank (default: the cores split between ranks)")  # fmt: skip
-    parser.add_argument("--model", action="append", default=[], metavar="ID_OR_PATH",
-                        help="a diffusers model id (from the local HF cache) or local path; repeatable")  # fmt: skip
-    parser.add_argument("--builtins", default=",".join(BUILTIN_KINDS),
-                        help="built-in demo models to load: comma-separated of image,video,audio, or 'none'")  # fmt: skip
-    parser.add_argument("--peer-timeout", type=float, default=30.0,
-                        help="seconds a ParaStep run waits on a peer before failing with an error naming it")  # fmt: skip
+    parser.add_argument(
+        "--threads-per-rank",
+        type=int,
+        default=None,
+        help="torch threads per CPU rank (default: the cores split between ranks)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="ID_OR_PATH",
+        help="a diffusers model id (from the local HF cache) or local path; repeatable",
+    )
+    parser.add_argument(
+        "--builtins",
+        default=",".join(BUILTIN_KINDS),
+        help="built-in demo models to load: comma-separated of image,video,audio, or 'none'",
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a ParaStep run waits on a peer before failing with an error naming it",
+    )
     parser.add_argument("--share", action="store_true", help="create a public Gradio link")
     args = parser.parse_args(argv)
     args.builtins = [] if args.builtins.strip() in ("", "none") else [k.strip() for k in args.builtins.split(",")]

@@ -11,6 +11,7 @@ ParaStep degree 1 measure the hooks' cost. A stress session (fewer
 steps, more ranks than cores) reports where the methods' quality differs. Prints a table,
 writes JSON and a PNG plot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parastep
-from launcher.models import LoadedModel, builtin_name, call_pipeline, extract_media, load_models
-from launcher.protocol import GenerateRequest
-from launcher.topology import core_share
-from parastep.metrics import psnr, ssim
+from launcher.models import LoadedModel, call_pipeline, extract_media, load_models
+from launcher.quality import psnr, ssim
+from launcher.request import GenerateRequest
+from launcher.topology import core_share, free_port
 from parastep.registry import spec_for
 
 log = logging.getLogger("launcher.bench")
@@ -77,8 +78,9 @@ class Run:
     calls: list[int]
     bytes: int
     records: list[dict] = field(default_factory=list)
-    psnr: float | None = None
-    ssim: float | None = None
+    media: Any = None  # rank 0's decoded output, for quality against the baseline
+    psnr: float = float("nan")
+    ssim: float = float("nan")
 
 
 def _config(method: Method, warmup: int) -> Any:
@@ -92,10 +94,18 @@ def _config(method: Method, warmup: int) -> Any:
 def request_for(name: str, model: LoadedModel, steps: int, warmup: int, seed: int) -> GenerateRequest:
     """The request the benchmark measures: the model's first example prompt and its defaults."""
     info = model.info
-    return GenerateRequest(model=name, prompt=info.examples[0] if info.examples else "a red circle",
-                           steps=steps, warmup_steps=warmup, guidance_scale=info.default_guidance,
-                           seed=seed, height=info.default_height, width=info.default_width,
-                           num_frames=info.default_frames, duration_s=info.default_duration_s)
+    return GenerateRequest(
+        model=name,
+        prompt=info.examples[0] if info.examples else "a red circle",
+        steps=steps,
+        warmup_steps=warmup,
+        guidance_scale=info.default_guidance,
+        seed=seed,
+        height=info.default_height,
+        width=info.default_width,
+        num_frames=info.default_frames,
+        duration_s=info.default_duration_s,
+    )
 
 
 def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
@@ -133,8 +143,15 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
             dist.destroy_process_group()
 
 
-def _run_one(rank: int, session: Session, name: str, model: LoadedModel, req: GenerateRequest,
-             method: Method, cores: tuple[set[int], set[int]]) -> Run | None:
+def _run_one(
+    rank: int,
+    session: Session,
+    name: str,
+    model: LoadedModel,
+    req: GenerateRequest,
+    method: Method,
+    cores: tuple[set[int], set[int]],
+) -> Run | None:
     config = _config(method, session.warmup)
     handle = parastep.apply(model.pipe, config) if config else None
     if method.all_cores:
@@ -149,17 +166,25 @@ def _run_one(rank: int, session: Session, name: str, model: LoadedModel, req: Ge
         if handle:
             handle.remove()
     stats = handle.last_stats if handle else None
-    calls = [stats.model_calls] if stats else [req.steps]
+    calls: list[int] = [stats.model_calls] if stats else [req.steps or 0]
     sent = stats.bytes_sent if stats else 0
     if method.on_all_ranks and not method.busy:  # gather every rank's calls and bytes on rank 0
-        gathered = [None] * session.ranks
+        gathered: list[Any] = [None] * session.ranks
         dist.all_gather_object(gathered, (calls[0], sent))
         calls, sent = [c for c, _ in gathered], sum(b for _, b in gathered)
     if rank > 0:
         return None
-    run = Run(session.label, name, method.name, req.seed, seconds, calls, sent,
-              [asdict(r) for r in stats.records] if stats else [])
-    run.media = extract_media(out, model.info.modality)  # type: ignore[attr-defined]
+    run = Run(
+        session.label,
+        name,
+        method.name,
+        req.seed,
+        seconds,
+        calls,
+        sent,
+        [asdict(r) for r in stats.records] if stats else [],
+    )
+    run.media = extract_media(out, model.info.modality)
     return run
 
 
@@ -217,18 +242,22 @@ def _hook_cost(session: Session, name: str, model: LoadedModel) -> dict[str, Any
             denoiser.forward = own
     us = 1e6 * statistics.median(h - b for b, h in null) / session.steps
     step_us = 1e6 * statistics.median(b for b, _ in real) / session.steps
-    return dict(pairs=len(ratios), median_pct=100 * (statistics.median(ratios) - 1),
-                q1_pct=100 * (q[0] - 1), q3_pct=100 * (q[2] - 1),
-                us_per_step=us, step_ms=step_us / 1000, pct_of_step=100 * us / step_us)
+    return dict(
+        pairs=len(ratios),
+        median_pct=100 * (statistics.median(ratios) - 1),
+        q1_pct=100 * (q[0] - 1),
+        q3_pct=100 * (q[2] - 1),
+        us_per_step=us,
+        step_ms=step_us / 1000,
+        pct_of_step=100 * us / step_us,
+    )
 
 
 def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
     """Every run of the session on rank 0, and each model's hook cost (when measured)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, session, port, queue)) for r in range(session.ranks)]
     for p in procs:
         p.start()
@@ -246,12 +275,20 @@ def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
                 continue
             if kind == "hooks":
                 session_hooks[value[0]] = value[1]
-                print(f"[{session.label}] {value[0]} hook cost: {value[1]['median_pct']:+.2f} %, "
-                      f"{value[1]['us_per_step']:.0f} us per step", file=sys.stderr, flush=True)
+                print(
+                    f"[{session.label}] {value[0]} hook cost: {value[1]['median_pct']:+.2f} %, "
+                    f"{value[1]['us_per_step']:.0f} us per step",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             runs.append(value)
-            print(f"[{session.label} {len(runs)}/{total}] {value.model} {value.method} seed {value.seed}: "
-                  f"{value.wall_s:.2f}s", file=sys.stderr, flush=True)
+            print(
+                f"[{session.label} {len(runs)}/{total}] {value.model} {value.method} seed {value.seed}: "
+                f"{value.wall_s:.2f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -264,8 +301,9 @@ def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
 
 
 def _computed_step_s(runs: list[Run], method: str, warmup: int) -> list[float]:
-    return [r["seconds"] for run in runs if run.method == method
-            for r in run.records[warmup:] if r["action"] == "computed"]
+    return [
+        r["seconds"] for run in runs if run.method == method for r in run.records[warmup:] if r["action"] == "computed"
+    ]
 
 
 def _ideal(method: Method, session: Session, runs: list[Run]) -> float:
@@ -300,20 +338,32 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
             med = statistics.median(walls)
             ideal = _ideal(method, session, mine)
             finite = [r.psnr for r in rs if r.psnr != float("inf")]
-            rows.append(dict(
-                session=session.label, model=model, method=method.name, steps=session.steps,
-                warmup=session.warmup,
-                ranks=session.ranks if method.busy else method.parallelism if method.on_all_ranks else 1,
-                wall_median_s=med, wall_min_s=min(walls), wall_max_s=max(walls),
-                speedup_vs_1rank=base1 / med, speedup_vs_allcores=statistics.median(base_all) / med if base_all else None,
-                ideal_speedup=ideal, efficiency=(base1 / med) / ideal if ideal == ideal else None,
-                model_calls_per_rank="/".join(str(c) for c in rs[0].calls), bytes_per_call=rs[0].bytes,
-                psnr_db=statistics.median(finite) if finite else float("inf"),
-                ssim=statistics.median(r.ssim for r in rs),
-                time_split=_time_split(rs, session.warmup) if method.kind == "parastep" else None,
-                # ParaStep's ceiling on this machine: the ideal, slowed as one rank slows when all compute
-                busy_ceiling=ideal * base1 / statistics.median(busy) if busy and method.on_all_ranks
-                and not method.busy else None))
+            rows.append(
+                dict(
+                    session=session.label,
+                    model=model,
+                    method=method.name,
+                    steps=session.steps,
+                    warmup=session.warmup,
+                    ranks=session.ranks if method.busy else method.parallelism if method.on_all_ranks else 1,
+                    wall_median_s=med,
+                    wall_min_s=min(walls),
+                    wall_max_s=max(walls),
+                    speedup_vs_1rank=base1 / med,
+                    speedup_vs_allcores=statistics.median(base_all) / med if base_all else None,
+                    ideal_speedup=ideal,
+                    efficiency=(base1 / med) / ideal if ideal == ideal else None,
+                    model_calls_per_rank="/".join(str(c) for c in rs[0].calls),
+                    bytes_per_call=rs[0].bytes,
+                    psnr_db=statistics.median(finite) if finite else float("inf"),
+                    ssim=statistics.median(r.ssim for r in rs),
+                    time_split=_time_split(rs, session.warmup) if method.kind == "parastep" else None,
+                    # ParaStep's ceiling on this machine: the ideal, slowed as one rank slows when all compute
+                    busy_ceiling=ideal * base1 / statistics.median(busy)
+                    if busy and method.on_all_ranks and not method.busy
+                    else None,
+                )
+            )
     return rows
 
 
@@ -327,19 +377,44 @@ def _time_split(runs: list[Run], warmup: int) -> dict[str, float]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["session", "model", "method", "ranks", "wall s med [min-max]", "x 1rank", "x allcores", "ideal",
-            "eff", "calls/rank", "bytes", "PSNR dB", "SSIM"]
+    head = [
+        "session",
+        "model",
+        "method",
+        "ranks",
+        "wall s med [min-max]",
+        "x 1rank",
+        "x allcores",
+        "ideal",
+        "eff",
+        "calls/rank",
+        "bytes",
+        "PSNR dB",
+        "SSIM",
+    ]
 
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None or v != v else format(v, fmt)
 
     lines = [head]
     for r in rows:
-        lines.append([r["session"], r["model"], r["method"], str(r["ranks"]),
-                      f"{r['wall_median_s']:.2f} [{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}]",
-                      f(r["speedup_vs_1rank"], ".2f"), f(r["speedup_vs_allcores"], ".2f"), f(r["ideal_speedup"], ".2f"),
-                      f(r["efficiency"], ".2f"), r["model_calls_per_rank"], str(r["bytes_per_call"]),
-                      "inf" if r["psnr_db"] == float("inf") else f(r["psnr_db"], ".1f"), f(r["ssim"], ".4f")])
+        lines.append(
+            [
+                r["session"],
+                r["model"],
+                r["method"],
+                str(r["ranks"]),
+                f"{r['wall_median_s']:.2f} [{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}]",
+                f(r["speedup_vs_1rank"], ".2f"),
+                f(r["speedup_vs_allcores"], ".2f"),
+                f(r["ideal_speedup"], ".2f"),
+                f(r["efficiency"], ".2f"),
+                r["model_calls_per_rank"],
+                str(r["bytes_per_call"]),
+                "inf" if r["psnr_db"] == float("inf") else f(r["psnr_db"], ".1f"),
+                f(r["ssim"], ".4f"),
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -348,6 +423,7 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -356,8 +432,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["speedup_vs_1rank"] for r in rows], 0.4, label="measured vs 1-rank baseline")
-    ax.bar([x + 0.2 for x in xs], [r["ideal_speedup"] if r["ideal_speedup"] == r["ideal_speedup"] else 0 for r in rows],
-           0.4, label="ideal", alpha=0.6)
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [r["ideal_speedup"] if r["ideal_speedup"] == r["ideal_speedup"] else 0 for r in rows],
+        0.4,
+        label="ideal",
+        alpha=0.6,
+    )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
     ax.set_ylabel("speedup")
@@ -374,13 +455,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--ranks", type=int, default=None,
-                   help="ParaStep degree (default: all ranks this machine supports: GPUs, else cores)")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=None,
+        help="ParaStep degree (default: all ranks this machine supports: GPUs, else cores)",
+    )
     p.add_argument("--strides", type=int, nargs="*", default=[2, 4])
     p.add_argument("--stress-steps", type=int, default=20)
     p.add_argument("--stress-degree", type=int, default=4, help="ranks of the stress session (0: skip it)")
-    p.add_argument("--hook-pairs", type=int, default=20,
-                   help="back-to-back (baseline, degree-1) pairs per model measuring the hooks' cost (0: skip)")
+    p.add_argument(
+        "--hook-pairs",
+        type=int,
+        default=20,
+        help="back-to-back (baseline, degree-1) pairs per model measuring the hooks' cost (0: skip)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
@@ -392,20 +481,47 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    methods = (Method("baseline-1rank", "baseline"), Method("baseline-allcores", "baseline", all_cores=True),
-               Method("baseline-busy", "baseline", busy=True),
-               Method("parastep-1", "parastep", 1), Method(f"parastep-{ranks}", "parastep", ranks),
-               *(Method(f"batchstep-{s}", "batchstep", s) for s in args.strides))
+    methods = (
+        Method("baseline-1rank", "baseline"),
+        Method("baseline-allcores", "baseline", all_cores=True),
+        Method("baseline-busy", "baseline", busy=True),
+        Method("parastep-1", "parastep", 1),
+        Method(f"parastep-{ranks}", "parastep", ranks),
+        *(Method(f"batchstep-{s}", "batchstep", s) for s in args.strides),
+    )
     seeds = tuple(range(args.seeds))
-    main_session = Session("main", ranks, args.steps, args.warmup, seeds, methods, tuple(args.models),
-                           tuple(args.model), max(1, cores // ranks), cores, args.hook_pairs)
+    main_session = Session(
+        "main",
+        ranks,
+        args.steps,
+        args.warmup,
+        seeds,
+        methods,
+        tuple(args.models),
+        tuple(args.model),
+        max(1, cores // ranks),
+        cores,
+        args.hook_pairs,
+    )
     sessions = [main_session]
     if args.stress_degree:
-        stress_methods = (Method("baseline-1rank", "baseline"), Method(f"parastep-{ranks}", "parastep", ranks),
-                          Method(f"parastep-{args.stress_degree}", "parastep", args.stress_degree),
-                          Method(f"batchstep-{max(args.strides)}", "batchstep", max(args.strides)))
-        sessions.append(replace(main_session, label="stress", ranks=max(ranks, args.stress_degree),
-                                steps=args.stress_steps, methods=stress_methods, threads=1, hook_pairs=0))
+        stress_methods = (
+            Method("baseline-1rank", "baseline"),
+            Method(f"parastep-{ranks}", "parastep", ranks),
+            Method(f"parastep-{args.stress_degree}", "parastep", args.stress_degree),
+            Method(f"batchstep-{max(args.strides)}", "batchstep", max(args.strides)),
+        )
+        sessions.append(
+            replace(
+                main_session,
+                label="stress",
+                ranks=max(ranks, args.stress_degree),
+                steps=args.stress_steps,
+                methods=stress_methods,
+                threads=1,
+                hook_pairs=0,
+            )
+        )
     rows: list[dict] = []
     hooks: dict[str, dict] = {}
     started = time.perf_counter()
@@ -416,20 +532,36 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     for r in rows:
         if r["busy_ceiling"]:
-            print(f"\n{r['session']} {r['model']} {r['method']}: one rank computes "
-                  f"{r['ideal_speedup'] / r['busy_ceiling']:.2f}x slower while every rank computes (baseline-busy), "
-                  f"so its ceiling here is {r['busy_ceiling']:.2f}x; measured {r['speedup_vs_1rank']:.2f}x = "
-                  f"{r['speedup_vs_1rank'] / r['busy_ceiling']:.2f} of it")
-    print(f"\nhook cost with nothing to parallelise (ParaStep degree 1 / baseline, {args.hook_pairs} "
-          f"back-to-back pairs, T={args.steps}):")
+            print(
+                f"\n{r['session']} {r['model']} {r['method']}: one rank computes "
+                f"{r['ideal_speedup'] / r['busy_ceiling']:.2f}x slower while every rank computes (baseline-busy), "
+                f"so its ceiling here is {r['busy_ceiling']:.2f}x; measured {r['speedup_vs_1rank']:.2f}x = "
+                f"{r['speedup_vs_1rank'] / r['busy_ceiling']:.2f} of it"
+            )
+    print(
+        f"\nhook cost with nothing to parallelise (ParaStep degree 1 / baseline, {args.hook_pairs} "
+        f"back-to-back pairs, T={args.steps}):"
+    )
     for model, h in hooks.items():
-        print(f"  {model}: median {h['median_pct']:+.2f} %  (quartiles {h['q1_pct']:+.2f} % .. {h['q3_pct']:+.2f} %); "
-              f"on a null denoiser the hooks add {h['us_per_step']:.0f} us per step = {h['pct_of_step']:.2f} % "
-              f"of the baseline's {h['step_ms']:.1f} ms step")
-    (args.out / "bench.json").write_text(json.dumps(dict(
-        command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
-        cores=cores, ranks=ranks, seconds=time.perf_counter() - started, rows=rows, hook_cost=hooks),
-        indent=2, default=str))
+        print(
+            f"  {model}: median {h['median_pct']:+.2f} %  (quartiles {h['q1_pct']:+.2f} % .. {h['q3_pct']:+.2f} %); "
+            f"on a null denoiser the hooks add {h['us_per_step']:.0f} us per step = {h['pct_of_step']:.2f} % "
+            f"of the baseline's {h['step_ms']:.1f} ms step"
+        )
+    (args.out / "bench.json").write_text(
+        json.dumps(
+            dict(
+                command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
+                cores=cores,
+                ranks=ranks,
+                seconds=time.perf_counter() - started,
+                rows=rows,
+                hook_cost=hooks,
+            ),
+            indent=2,
+            default=str,
+        )
+    )
     plot(rows, args.out / "bench.png")
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     return 0

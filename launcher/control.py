@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import socket
 import threading
 import time
-from typing import Any
 
 from torch.distributed import PrefixStore, Store
 
-from launcher.protocol import PeerReport
+from launcher.protocol import Message, PeerReport, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +32,9 @@ class ControlChannel:
         self._pruned = 0
 
     # ---- messages (rank 0 -> peers) ----
-    def post(self, msg: Any) -> int:
+    def post(self, msg: Message) -> int:
         index = self._next_post
-        self.store.set(f"msg/{index}", pickle.dumps(msg))
+        self.store.set(f"msg/{index}", encode(msg))
         self._next_post += 1
         return index
 
@@ -44,12 +42,12 @@ class ControlChannel:
     def posted(self) -> int:
         return self._next_post
 
-    def next_message(self, poll_s: float = 0.02) -> tuple[int, Any]:
+    def next_message(self, poll_s: float = 0.02) -> tuple[int, Message]:
         """Block (polling, never a collective) until the next message arrives."""
         key = f"msg/{self._next_read}"
         while not self.store.check([key]):
             time.sleep(poll_s)
-        msg = pickle.loads(self.store.get(key))
+        msg = decode(self.store.get(key))
         index = self._next_read
         self._next_read += 1
         return index, msg
@@ -63,14 +61,16 @@ class ControlChannel:
 
     # ---- reports (peers -> rank 0) ----
     def report(self, rep: PeerReport) -> None:
-        self.store.set(f"report/{rep.run_id}/{rep.rank}", pickle.dumps(rep))
+        self.store.set(f"report/{rep.run_id}/{rep.rank}", encode(rep))
 
     def try_report(self, run_id: int, rank: int) -> PeerReport | None:
         """A peer's report, if it has arrived (read once: the key is then removed)."""
         key = f"report/{run_id}/{rank}"
         if not self.store.check([key]):
             return None
-        report = pickle.loads(self.store.get(key))
+        report = decode(self.store.get(key))
+        if not isinstance(report, PeerReport):
+            raise ValueError(f"rank {rank} wrote a {type(report).__name__} where its report belongs")
         self.store.delete_key(key)
         return report
 
@@ -106,7 +106,7 @@ def start_heartbeat(channel: ControlChannel, period_s: float = 1.0) -> threading
         while True:
             try:
                 channel.beat()
-            except Exception:  # noqa: BLE001 - the store lives in rank 0; it is gone
+            except Exception:
                 log.warning("rank %d: control store unreachable, rank 0 is gone; exiting", channel.rank)
                 os._exit(3)
             time.sleep(period_s)

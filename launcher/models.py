@@ -8,12 +8,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from launcher.protocol import GenerateRequest, ModelInfo
+from launcher.request import GenerateRequest, Modality, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,11 @@ class LoadedModel:
         """What the model will ignore in ``prompt`` (built-in models know a small vocabulary)."""
         if self.builtin_kind is None:
             return []
-        from parastep import demo
+        import demo_models
 
-        if not hasattr(demo, "parse_prompt"):
-            return []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            demo.parse_prompt(self.builtin_kind, prompt, warn=True)
+            demo_models.parse_prompt(self.builtin_kind, prompt, warn=True)
         return [str(w.message) for w in caught]
 
 
@@ -51,9 +49,9 @@ def load_models(builtins: list[str], extra: list[str], device: torch.device) -> 
     """
     models: dict[str, LoadedModel] = {}
     for kind in builtins:
-        from parastep import demo
+        import demo_models
 
-        pipe = demo.load_pipeline(kind)
+        pipe = demo_models.load_pipeline(kind)
         name = builtin_name(kind)
         models[name] = LoadedModel(_to_device(pipe, device), describe(name, pipe, kind), kind)
     for ident in extra:
@@ -62,7 +60,7 @@ def load_models(builtins: list[str], extra: list[str], device: torch.device) -> 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         try:
             pipe = DiffusionPipeline.from_pretrained(ident, local_files_only=True, torch_dtype=dtype)
-        except Exception as exc:  # noqa: BLE001 - re-raised with what to do about it
+        except Exception as exc:  # re-raised with what to do about it
             raise SystemExit(
                 f"--model {ident!r}: could not load it from a local path or the local Hugging Face cache "
                 f"({type(exc).__name__}: {exc}). Download it first, e.g. `huggingface-cli download {ident}`."
@@ -91,9 +89,16 @@ def _default(params: dict[str, inspect.Parameter], name: str, fallback: Any) -> 
 def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
     """Read what the UI needs from a pipeline: modality, defaults, size constraints."""
     params = _call_params(pipe)
-    modality = kind or getattr(pipe, "modality", None)
-    if modality is None:
-        modality = "audio" if "audio_length_in_s" in params else "video" if "num_frames" in params else "image"
+    found = kind or getattr(pipe, "modality", None)
+    modality: Modality = (
+        cast(Modality, found)
+        if found in ("image", "video", "audio")
+        else "audio"
+        if "audio_length_in_s" in params
+        else "video"
+        if "num_frames" in params
+        else "image"
+    )
     multiple = getattr(pipe, "size_multiple", None) or getattr(pipe, "vae_scale_factor", None) or 8
     sample_rate = getattr(pipe, "sample_rate", None)
     if sample_rate is None and getattr(pipe, "vocoder", None) is not None:
@@ -109,19 +114,20 @@ def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
         default_h, default_w = int(sample_size[0]) * int(multiple), int(sample_size[1]) * int(multiple)
     else:
         default_h = default_w = 512
-    default_frames = int(getattr(denoiser_config, "num_frames", None) or getattr(pipe, "default_num_frames", 16))
+    default_frames = int(
+        getattr(denoiser_config, "num_frames", None) or getattr(pipe, "default_num_frames", None) or 16
+    )
     default_duration = 1.0 if kind is not None else 5.0
-    if kind == "audio":
-        from parastep.demo import data
-
-        default_duration = float(getattr(data, "AUDIO_SECONDS", default_duration))
     examples: tuple[str, ...] = ()
     vocabulary = ""
     if kind is not None:
-        from parastep import demo
+        import demo_models
+        from demo_models import data
 
-        examples = tuple(demo.random_prompts(kind, 3)) if hasattr(demo, "random_prompts") else ()
-        vocabulary = demo.describe_vocabulary(kind) if hasattr(demo, "describe_vocabulary") else ""
+        if kind == "audio":
+            default_duration = float(data.AUDIO_SECONDS)
+        examples = tuple(demo_models.random_prompts(kind, 3))
+        vocabulary = demo_models.describe_vocabulary(kind)
     return ModelInfo(
         name=name,
         examples=examples,
@@ -206,10 +212,16 @@ def warm_up(models: dict[str, LoadedModel], *, latent_only: bool) -> None:
     for name, model in models.items():
         info = model.info
         req = GenerateRequest(
-            model=name, prompt=info.examples[0] if info.examples else "warm-up", steps=2,
-            guidance_scale=info.default_guidance, seed=0, height=info.default_height, width=info.default_width,
-            num_frames=info.default_frames, duration_s=info.default_duration_s,
-        )  # fmt: skip
+            model=name,
+            prompt=info.examples[0] if info.examples else "warm-up",
+            steps=2,
+            guidance_scale=info.default_guidance,
+            seed=0,
+            height=info.default_height,
+            width=info.default_width,
+            num_frames=info.default_frames,
+            duration_s=info.default_duration_s,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, seconds = call_pipeline(model, req, latent_only=latent_only)
@@ -244,6 +256,6 @@ def preview_of(model: LoadedModel, latents: Any) -> np.ndarray | None:
         return None
     try:
         return np.asarray(decode(latents), dtype=np.float32)
-    except Exception:  # noqa: BLE001 - a preview must never break a run
+    except Exception:  # a preview must never break a run
         log.debug("preview failed", exc_info=True)
         return None

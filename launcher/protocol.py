@@ -1,71 +1,28 @@
-"""Typed, picklable messages between the UI, rank 0's coordinator and the peer ranks.
+"""Typed messages: rank 0's coordinator to the UI (events), and rank 0 to the peer ranks (JSON).
 
-The UI builds a :class:`GenerateRequest`; the coordinator validates it, runs it, and
-streams :class:`Progress` events followed by one :class:`RunOutput` (or a
-:class:`CompareOutput` for compare mode). Peers only ever see :class:`PeerRun`,
-:class:`Regroup` and :class:`Shutdown`.
+The coordinator streams :class:`Progress` events followed by one :class:`RunOutput` (or a
+:class:`CompareOutput` for compare mode). Peers only ever see :class:`Regroup`,
+:class:`PeerRun` and :class:`Shutdown`, and answer with a :class:`PeerReport`; these travel
+as JSON (:func:`encode` / :func:`decode`), never as pickle.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-Method = Literal["baseline", "parastep", "batchstep"]
-METHODS: tuple[str, ...] = ("baseline", "parastep", "batchstep")
-METHOD_LABELS: dict[str, str] = {"baseline": "Baseline", "parastep": "ParaStep", "batchstep": "BatchStep"}
-Modality = Literal["image", "video", "audio"]
-
-
-class InputError(ValueError):
-    """The request cannot run as given; the message says what to change."""
+from launcher.request import GenerateRequest, Modality
+from parastep import RunStats
 
 
 class RunError(RuntimeError):
     """The request was valid but failed (e.g. a peer died); the message names the rank."""
 
 
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One generation, exactly as the user asked for it (validated by the coordinator)."""
-
-    model: str
-    prompt: str
-    negative_prompt: str = ""
-    method: str = "parastep"
-    steps: int = 10
-    warmup_steps: int = 2
-    stride: int = 2
-    guidance_scale: float = 3.0
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    duration_s: float | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the UI needs to know about a loaded model."""
-
-    name: str
-    modality: str
-    default_steps: int = 10
-    default_guidance: float = 3.0
-    size_multiple: int = 8
-    default_height: int | None = None
-    default_width: int | None = None
-    default_frames: int | None = None
-    default_duration_s: float | None = None
-    sample_rate: int | None = None
-    fixed_size: bool = False  # only the defaults (size, frames, duration) are accepted
-    fps: int = 8
-    examples: tuple[str, ...] = ()
-    vocabulary: str = ""  # what a built-in model understands, for the prompt's help text
-
-
+# ---- coordinator -> UI -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Progress:
     """A denoising step finished on rank 0 (``preview`` is an HxWx3 float image or None)."""
@@ -81,15 +38,23 @@ class RunOutput:
     """One finished pipeline call: the decoded media and the stats of every rank."""
 
     method: str
-    modality: str
+    modality: Modality
     media: np.ndarray
     sample_rate: int | None
     wall_s: float
-    stats: list[dict[str, Any]] = field(default_factory=list)  # one per rank, rank 0 first
+    stats: list[RunStats] = field(default_factory=list)  # one per rank, rank 0 first
     ideal_speedup: float = 1.0
     note: str = ""
     fps: int = 8
     denoise_s: float | None = None  # until the last denoising step ended (no decoding)
+
+    @property
+    def model_calls(self) -> list[int]:
+        return [s.model_calls for s in self.stats]
+
+    @property
+    def bytes_communicated(self) -> int:
+        return sum(s.bytes_sent for s in self.stats)
 
 
 @dataclass
@@ -102,9 +67,7 @@ class CompareOutput:
     ssim: float
 
 
-# ---- rank 0 -> peers (through the control store) ----------------------------------
-
-
+# ---- rank 0 -> peers, and back (through the control store, as JSON) ---------------------------
 @dataclass(frozen=True)
 class Regroup:
     """Members build a fresh ParaStep process group (generation ``gen``)."""
@@ -130,7 +93,7 @@ class Shutdown:
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeerReport:
     """What a peer writes back after a :class:`PeerRun`."""
 
@@ -138,4 +101,58 @@ class PeerReport:
     run_id: int
     ok: bool
     error: str = ""
-    stats: dict[str, Any] | None = None
+    stats: RunStats | None = None
+
+
+Message = Regroup | PeerRun | Shutdown | PeerReport
+
+
+def encode(msg: Message) -> str:
+    """``msg`` as JSON text, tagged with its type."""
+    body: dict[str, Any] = {"type": type(msg).__name__}
+    if isinstance(msg, Regroup):
+        body.update(gen=msg.gen, members=list(msg.members), timeout_s=msg.timeout_s)
+    elif isinstance(msg, PeerRun):
+        body.update(
+            run_id=msg.run_id,
+            gen=msg.gen,
+            members=list(msg.members),
+            request=msg.request.to_dict(),
+            timeout_s=msg.timeout_s,
+        )
+    elif isinstance(msg, PeerReport):
+        body.update(
+            rank=msg.rank,
+            run_id=msg.run_id,
+            ok=msg.ok,
+            error=msg.error,
+            stats=msg.stats.to_dict() if msg.stats is not None else None,
+        )
+    elif not isinstance(msg, Shutdown):
+        raise TypeError(f"not a control message: {type(msg).__name__}")
+    return json.dumps(body, allow_nan=False)
+
+
+def decode(data: str | bytes) -> Message:
+    """The message :func:`encode` wrote; ``ValueError`` for anything else."""
+    body = json.loads(data)
+    kind = body.pop("type", None) if isinstance(body, dict) else None
+    try:
+        if kind == "Regroup":
+            return Regroup(int(body["gen"]), tuple(int(r) for r in body["members"]), float(body["timeout_s"]))
+        if kind == "PeerRun":
+            return PeerRun(
+                int(body["run_id"]),
+                int(body["gen"]),
+                tuple(int(r) for r in body["members"]),
+                GenerateRequest.from_dict(body["request"]),
+                float(body["timeout_s"]),
+            )
+        if kind == "PeerReport":
+            stats = RunStats.from_dict(body["stats"]) if body.get("stats") is not None else None
+            return PeerReport(int(body["rank"]), int(body["run_id"]), bool(body["ok"]), str(body["error"]), stats)
+        if kind == "Shutdown":
+            return Shutdown()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed {kind} message: {exc}") from exc
+    raise ValueError(f"unknown control message type {kind!r}")

@@ -62,7 +62,8 @@ class Topology:
                 proc.kill()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -77,7 +78,7 @@ def core_share(local_rank: int, local_world: int) -> set[int]:
     """
     cores = sorted(os.sched_getaffinity(0))
     share = len(cores) // max(1, local_world)
-    return set(cores[local_rank * share:(local_rank + 1) * share])
+    return set(cores[local_rank * share : (local_rank + 1) * share])
 
 
 def start(ranks: int, threads_per_rank: int | None, argv: list[str]) -> Topology:
@@ -91,7 +92,7 @@ def start(ranks: int, threads_per_rank: int | None, argv: list[str]) -> Topology
     torchrun = "RANK" in os.environ and SPAWNED_ENV not in os.environ
     if "RANK" not in os.environ:
         world = torch.cuda.device_count() if has_gpu else max(1, ranks)
-        port = _free_port()
+        port = free_port()
         base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
         os.environ.update(base, RANK="0", LOCAL_RANK="0")
         for rank in range(1, world):

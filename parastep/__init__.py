@@ -8,14 +8,29 @@ Example::
     print(handle.last_stats.model_calls)
     handle.remove()
 """
-from .config import BatchStepConfig, ParaStepConfig, ideal_speedup
+
 from .engine import Handle, apply
 from .errors import CommError, ConfigError, ParaStepError, UnsupportedPipelineError, UnsupportedSchedulerError
 from .registry import FAMILIES, PipelineSpec, spec_for
 from .stats import RunStats, StepRecord
+from .strategies import BatchStepConfig, ParaStepConfig, Strategy, StrategyConfig, ideal_speedup
 
 __all__ = [
-    "BatchStepConfig", "ParaStepConfig", "ideal_speedup", "Handle", "apply", "CommError", "ConfigError",
-    "ParaStepError", "UnsupportedPipelineError", "UnsupportedSchedulerError", "FAMILIES", "PipelineSpec",
-    "spec_for", "RunStats", "StepRecord",
+    "FAMILIES",
+    "BatchStepConfig",
+    "CommError",
+    "ConfigError",
+    "Handle",
+    "ParaStepConfig",
+    "ParaStepError",
+    "PipelineSpec",
+    "RunStats",
+    "StepRecord",
+    "Strategy",
+    "StrategyConfig",
+    "UnsupportedPipelineError",
+    "UnsupportedSchedulerError",
+    "apply",
+    "ideal_speedup",
+    "spec_for",
 ]

@@ -3,6 +3,7 @@
 Works with any backend: tensors travel on ``device`` (CUDA for NCCL, CPU for gloo); the
 library never creates or destroys a process group.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,8 @@ class Comm:
             raise CommError(
                 "the previous pipeline call on this process group stopped mid-window, so messages of "
                 "it may still be queued in the group: create a new process group "
-                "(torch.distributed.new_group) and call parastep.apply with it")
+                "(torch.distributed.new_group) and call parastep.apply with it"
+            )
         self.bytes_sent = self.bytes_received = 0
         self._agreed.clear()
         self._skeletons.clear()
@@ -72,11 +74,11 @@ class Comm:
         try:
             ok = work.wait(self.timeout)
         except Exception as exc:  # gloo raises on timeout or a closed connection
-            raise CommError(f"rank {peer} did not complete {what} within "
-                            f"{self.timeout.total_seconds():g}s: {exc}") from exc
+            raise CommError(
+                f"rank {peer} did not complete {what} within {self.timeout.total_seconds():g}s: {exc}"
+            ) from exc
         if ok is False:
-            raise CommError(f"rank {peer} did not complete {what} within "
-                            f"{self.timeout.total_seconds():g}s")
+            raise CommError(f"rank {peer} did not complete {what} within {self.timeout.total_seconds():g}s")
 
     def _agreed_size(self, sending: bool, peer: int) -> int:
         """The buffer size agreed with ``peer`` in this direction (a bare header before any)."""
@@ -84,7 +86,7 @@ class Comm:
 
     def _irecv(self, src: int, nbytes: int, device: torch.device) -> tuple[dist.Work, torch.Tensor]:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return dist.irecv(buf, self._global(src), self.group), buf
+        return _posted(dist.irecv(buf, self._global(src), self.group)), buf
 
     def expect(self, src: int, device: torch.device) -> None:
         """Posts the receive of ``src``'s next message now, when tensors are on the CPU (gloo):
@@ -106,7 +108,7 @@ class Comm:
         size = buf.numel()
         wire = [_padded_to(buf, agreed)] if size <= agreed else [_padded_to(buf[:_HEAD], agreed), buf]
         for t in wire:
-            self._pending.append((dist.isend(t, self._global(dst), self.group), dst))
+            self._pending.append((_posted(dist.isend(t, self._global(dst), self.group)), dst))
             self.bytes_sent += t.numel()
         self._agreed[(True, dst)] = max(agreed, size)
 
@@ -124,7 +126,7 @@ class Comm:
             self.bytes_received += size
         self._agreed[(False, src)] = max(first.numel(), size)
         if n_blob:
-            self._skeletons[(False, src)] = pickle.loads(buf[_HEAD:_HEAD + n_blob].cpu().numpy().tobytes())
+            self._skeletons[(False, src)] = pickle.loads(buf[_HEAD : _HEAD + n_blob].cpu().numpy().tobytes())
         return _unpack(buf, n_blob, self._skeletons[(False, src)])
 
     def flush(self) -> None:
@@ -132,6 +134,12 @@ class Comm:
         pending, self._pending = self._pending, []
         for work, peer in pending:
             self._wait(work, peer, f"receiving from rank {self.rank}")
+
+
+def _posted(work: dist.Work | None) -> dist.Work:
+    if work is None:  # torch returns None only to a rank outside the group
+        raise CommError("this rank is not a member of the ParaStep process group")
+    return work
 
 
 def _pad8(n: int) -> int:
@@ -150,7 +158,7 @@ def _pack(blob: bytes, tensors: list[torch.Tensor], device: torch.device) -> tor
     raws = [t.detach().to(device).contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     host = bytearray(_HEAD + _pad8(len(blob)))
     struct.pack_into("=qq", host, 0, len(blob), len(host) + sum(_pad8(r.numel()) for r in raws))
-    host[_HEAD:_HEAD + len(blob)] = blob
+    host[_HEAD : _HEAD + len(blob)] = blob
     parts = [torch.frombuffer(host, dtype=torch.uint8).to(device)]
     return torch.cat(parts + [_padded_to(r, _pad8(r.numel())) for r in raws])
 
@@ -162,7 +170,7 @@ def _unpack(buf: torch.Tensor, n_blob: int, skeleton: Any) -> Any:
     for slot in slots:
         nbytes = math.prod(slot.shape) * slot.dtype.itemsize
         # clone: a tensor of its own, not a view that keeps the whole buffer alive
-        t = buf[offset:offset + nbytes].clone().view(slot.dtype).reshape(slot.shape)
+        t = buf[offset : offset + nbytes].clone().view(slot.dtype).reshape(slot.shape)
         received.append(t.cpu() if slot.on_cpu else t)
         offset += _pad8(nbytes)
     return _fill(skeleton, received)

@@ -1,4 +1,5 @@
 """Per-family knowledge as data: where the denoiser lives and what the pipeline makes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,4 +47,5 @@ def spec_for(pipe: object) -> PipelineSpec:
     raise UnsupportedPipelineError(
         f"{type(pipe).__name__} has no recognisable denoiser: expected a torch.nn.Module at "
         f"pipe.{' or pipe.'.join(_DENOISER_ATTRS)}, or an entry in parastep.registry.FAMILIES "
-        f"naming the attribute that holds it")
+        f"naming the attribute that holds it"
+    )

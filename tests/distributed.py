@@ -1,8 +1,8 @@
 """Runs a function on N gloo ranks in spawned processes and returns each rank's result."""
+
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -10,11 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launcher.topology import free_port
 
 
 def _convert(obj, fn):
@@ -32,6 +28,7 @@ def _to_numpy(v):
 
 def _to_torch(v):
     import numpy as np
+
     return torch.from_numpy(v) if isinstance(v, np.ndarray) else v
 
 
@@ -55,7 +52,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 240.0, barrier: bool = Tru
     """``fn(rank, *args)`` on ``world`` ranks; returns the results by rank, raises on any error."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, barrier)) for r in range(world)]
     for p in procs:
         p.start()

@@ -5,6 +5,7 @@
 Prints one table. Each rank uses one thread; the baseline and BatchStep run on rank 0 while
 rank 1 waits, ParaStep on both, so the wall-time ratio is measured in one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,16 @@ import torch.distributed as dist
 
 import parastep
 from tests.distributed import run_ranks
-from tests.test_pipelines import CASES, IDS, count_forwards
-from tests.tiny_pipelines import build
+from tests.tiny_pipelines import CASES, IDS, build, count_forwards
 
 
 def _timed(pipe, kwargs, steps, rank):
     start = time.perf_counter()
-    pipe(**{**kwargs, "output_type": kwargs.get("output_type", "np") if rank == 0 else "latent"},
-         num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    pipe(
+        **{**kwargs, "output_type": kwargs.get("output_type", "np") if rank == 0 else "latent"},
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+    )
     return time.perf_counter() - start
 
 
@@ -33,9 +36,12 @@ def measure(rank: int, steps: int, warmup: int, repeats: int) -> list[dict]:
         pipe, kwargs = build(family, **variant)
         counter = count_forwards(pipe)
         row = dict(case=name)
-        for label, config in [("baseline", None), ("parastep-2", parastep.ParaStepConfig(warmup_steps=warmup)),
-                              ("batchstep-2", parastep.BatchStepConfig(stride=2, warmup_steps=warmup)),
-                              ("batchstep-3", parastep.BatchStepConfig(stride=3, warmup_steps=warmup))]:
+        for label, config in [
+            ("baseline", None),
+            ("parastep-2", parastep.ParaStepConfig(warmup_steps=warmup)),
+            ("batchstep-2", parastep.BatchStepConfig(stride=2, warmup_steps=warmup)),
+            ("batchstep-3", parastep.BatchStepConfig(stride=3, warmup_steps=warmup)),
+        ]:
             everyone = label.startswith("parastep")
             if label.startswith("batchstep") and family == "cogvideox" and variant:
                 row[label] = "refused"  # CogVideoXDPMScheduler feeds state back through step()
@@ -66,11 +72,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     rows = run_ranks(measure, 2, args.steps, args.warmup, args.repeats, timeout=1800)[0]
-    cols = ["case", "baseline", "parastep-2", "batchstep-2", "batchstep-3", "baseline s", "parastep-2 s",
-            "batchstep-2 s", "batchstep-3 s"]
-    print(f"T={args.steps} W={args.warmup}; calls = denoiser forward passes per rank (rank0/rank1 for ParaStep); "
-          f"wall = median of {args.repeats} end-to-end calls on rank 0, 1 thread per rank")
-    table = [cols] + [[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols] for r in rows]
+    cols = [
+        "case",
+        "baseline",
+        "parastep-2",
+        "batchstep-2",
+        "batchstep-3",
+        "baseline s",
+        "parastep-2 s",
+        "batchstep-2 s",
+        "batchstep-3 s",
+    ]
+    print(
+        f"T={args.steps} W={args.warmup}; calls = denoiser forward passes per rank (rank0/rank1 for ParaStep); "
+        f"wall = median of {args.repeats} end-to-end calls on rank 0, 1 thread per rank"
+    )
+    table = [cols] + [
+        [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols] for r in rows
+    ]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     for line in table:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)))

@@ -15,6 +15,8 @@ from gradio_client.exceptions import AppError
 
 from launcher.testing import shared_app
 
+pytestmark = pytest.mark.slow  # starts the app or the benchmark as subprocesses
+
 APP_ARGS = ["--ranks", "2", "--threads-per-rank", "1"]
 STEPS, WARMUP = 6, 2
 PROMPTS = {
@@ -34,13 +36,17 @@ def client() -> Client:
 
 
 def run(client: Client, endpoint: str, kind: str, **overrides: object) -> tuple:
+    """One call by name: the prompt, the model, and only what the test changes."""
     args = {
-        "model": f"built-in {kind}", "prompt": PROMPTS[kind], "negative": "", "method": "parastep",
-        "warmup": WARMUP, "stride": 2, "steps": STEPS, "guidance": 3.0, "seed": 7,
-        "height": None, "width": None, "frames": None, "duration": None,
-    }  # fmt: skip
+        "prompt": PROMPTS[kind],
+        "model": f"built-in {kind}",
+        "warmup_steps": WARMUP,
+        "steps": STEPS,
+        "guidance_scale": 3.0,
+        "seed": 7,
+    }
     args.update(overrides)
-    return client.predict(*args.values(), api_name=endpoint)
+    return client.predict(**args, api_name=endpoint)
 
 
 def media_path(value: object) -> str:
@@ -88,7 +94,17 @@ def test_compare(client: Client, kind: str) -> None:
     assert psnr == "inf" or psnr > 5, psnr
     assert -1 <= stats["ssim"] <= 1
     panel = result[7]
-    for row in ("Wall time", "Speedup", "Denoising time", "Denoising speedup", "Ideal speedup", "Model calls per rank", "Bytes communicated", "PSNR", "SSIM"):
+    for row in (
+        "Wall time",
+        "Speedup",
+        "Denoising time",
+        "Denoising speedup",
+        "Ideal speedup",
+        "Model calls per rank",
+        "Bytes communicated",
+        "PSNR",
+        "SSIM",
+    ):
         assert row in panel
     print(f"\n{kind}: {json.dumps(stats)}")
 
@@ -108,12 +124,12 @@ BAD_INPUTS = [
     ({"prompt": "red " * 200}, "at most 400"),
     ({"steps": 0}, "Steps must be between 1 and 200"),
     ({"steps": 500}, "Steps must be between 1 and 200"),
-    ({"warmup": 6}, "Warm-up (6) must be smaller than steps (6)"),
-    ({"warmup": 0}, "ParaStep needs at least 1 warm-up step"),
+    ({"warmup_steps": 6}, "Warm-up (6) must be smaller than steps (6)"),
+    ({"warmup_steps": 0}, "ParaStep needs at least 1 warm-up step"),
     ({"method": "batchstep", "stride": 9}, "Stride (9) cannot exceed steps (6)"),
     ({"model": "no-such-model"}, "no-such-model is not in the list of choices: ['built-in image'"),
     ({"height": 30}, "makes 32×32 only: set height to 32 and width to 32 (got 30×32)"),
-    ({"guidance": -1}, "Guidance must be between"),
+    ({"guidance_scale": -1}, "Guidance must be between"),
     ({"method": "warp"}, "is not in the list of choices: ['baseline', 'parastep', 'batchstep']"),
     ({"seed": -3}, "Seed must be between 0 and"),
 ]
@@ -139,10 +155,18 @@ def test_status_lists_every_rank(client: Client) -> None:
 
 
 def test_concurrent_users_queue_and_a_disconnect_leaves_ranks_in_step(client: Client) -> None:
-    args = lambda seed: (  # noqa: E731
-        "built-in image", PROMPTS["image"], "", "parastep", WARMUP, 2, STEPS, 3.0, seed, None, None, None, None)
-    abandoned = client.submit(*args(1), api_name="/compare")
-    jobs = [client.submit(*args(seed), api_name="/generate") for seed in (2, 3)]
+    def args(seed: int) -> dict:
+        return {
+            "prompt": PROMPTS["image"],
+            "model": "built-in image",
+            "warmup_steps": WARMUP,
+            "steps": STEPS,
+            "guidance_scale": 3.0,
+            "seed": seed,
+        }
+
+    abandoned = client.submit(**args(1), api_name="/compare")
+    jobs = [client.submit(**args(seed), api_name="/generate") for seed in (2, 3)]
     abandoned.cancel()  # the browser goes away mid-request
     results = [job.result(timeout=180) for job in jobs]
     assert all(numbers(r)["ranks"] == 2 for r in results)

@@ -1,4 +1,5 @@
 """The benchmark in a tiny configuration: the table's structure, and every figure computed."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,11 @@ import math
 import subprocess
 import sys
 
-from tests.test_app_model_flag import save_tiny_sd
+import pytest
+
+from tests.tiny_pipelines import save_tiny_sd
+
+pytestmark = pytest.mark.slow  # starts the app or the benchmark as subprocesses
 
 STEPS, WARMUP = 8, 2
 
@@ -14,9 +19,33 @@ STEPS, WARMUP = 8, 2
 def test_bench_table(tmp_path):
     model = save_tiny_sd(tmp_path)
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "launcher.bench", "--models", "--model", str(model), "--steps", str(STEPS),
-           "--warmup", str(WARMUP), "--seeds", "2", "--ranks", "2", "--strides", "2", "4",
-           "--stress-steps", "6", "--stress-degree", "3", "--hook-pairs", "3", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.bench",
+        "--models",
+        "--model",
+        str(model),
+        "--steps",
+        str(STEPS),
+        "--warmup",
+        str(WARMUP),
+        "--seeds",
+        "2",
+        "--ranks",
+        "2",
+        "--strides",
+        "2",
+        "4",
+        "--stress-steps",
+        "6",
+        "--stress-degree",
+        "3",
+        "--hook-pairs",
+        "3",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "main 1/" in proc.stderr and "stress" in proc.stderr  # progress is shown
@@ -32,9 +61,18 @@ def test_bench_table(tmp_path):
     assert any(line.strip().startswith(rows[0]["model"] + ": median") for line in lines)
     assert (out / "bench.png").stat().st_size > 1000
     by = {(r["session"], r["method"]): r for r in rows}
-    assert set(by) == {("main", m) for m in ("baseline-1rank", "baseline-allcores", "baseline-busy", "parastep-1", "parastep-2",
-                                             "batchstep-2", "batchstep-4")} | \
-        {("stress", m) for m in ("baseline-1rank", "parastep-2", "parastep-3", "batchstep-4")}
+    assert set(by) == {
+        ("main", m)
+        for m in (
+            "baseline-1rank",
+            "baseline-allcores",
+            "baseline-busy",
+            "parastep-1",
+            "parastep-2",
+            "batchstep-2",
+            "batchstep-4",
+        )
+    } | {("stress", m) for m in ("baseline-1rank", "parastep-2", "parastep-3", "batchstep-4")}
     for r in rows:  # every printed row is in the table
         assert any(line.split()[:3] == [r["session"], r["model"], r["method"]] for line in lines)
         assert 0 < r["wall_min_s"] <= r["wall_median_s"] <= r["wall_max_s"]
@@ -55,10 +93,16 @@ def test_bench_table(tmp_path):
     assert set(main["parastep-2"]["time_split"]) == {"computed", "received"}
     assert main["baseline-busy"]["ranks"] == 2 and main["baseline-busy"]["psnr_db"] == math.inf
     ceiling = main["parastep-2"]["busy_ceiling"]
-    assert ceiling == main["parastep-2"]["ideal_speedup"] * main["baseline-1rank"]["wall_median_s"] / \
-        main["baseline-busy"]["wall_median_s"]
-    assert any(line.startswith("main ") and "parastep-2: one rank computes" in line and f"{ceiling:.2f}x" in line
-               for line in lines)
+    assert (
+        ceiling
+        == main["parastep-2"]["ideal_speedup"]
+        * main["baseline-1rank"]["wall_median_s"]
+        / main["baseline-busy"]["wall_median_s"]
+    )
+    assert any(
+        line.startswith("main ") and "parastep-2: one rank computes" in line and f"{ceiling:.2f}x" in line
+        for line in lines
+    )
     stress = {m: r for (s, m), r in by.items() if s == "stress"}
     assert stress["parastep-3"]["model_calls_per_rank"] == "4/3/3"  # windows 2-4 and 5: W + windows reaching
     assert stress["parastep-2"]["model_calls_per_rank"] == "4/4/2"  # rank 2 of 3 only follows

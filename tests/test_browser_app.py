@@ -9,13 +9,21 @@ import pytest
 
 from launcher.testing import ROOT, shared_app
 
+pytestmark = pytest.mark.slow  # starts the app or the benchmark as subprocesses
+
 APP_ARGS = ["--ranks", "2", "--threads-per-rank", "1"]  # the same app as tests/test_app_e2e.py
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = ROOT / "outputs" / "screenshots" / "compare.png"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium: bash scripts/setup.sh --browser")
@@ -25,19 +33,32 @@ def test_compare_in_a_real_browser(tmp_path: Path) -> None:
     app = shared_app(APP_ARGS)
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": 1400, "height": 1300},
-        )  # fmt: skip
+        )
         try:
             page = browser.new_page()
             page.goto(app.url)
-            page.locator("#prompt textarea").fill("a large red circle in the center on a blue background")
+            expect(page.locator("#steps input")).not_to_have_value("0")  # the model's defaults are shown
+            # The prompt box opens with one of the model's example prompts: no typing needed.
+            example = page.locator("#prompt textarea").input_value()
+            assert example and example[:40] in page.locator("#examples").inner_text(), example
             page.locator("#steps input").fill("6")
             page.locator("#compare-btn").click()
             panel = page.locator("#latency-panel table")
             expect(panel).to_be_visible(timeout=180_000)
-            for row in ("Wall time", "Speedup", "Ideal speedup", "Model calls per rank", "Bytes communicated",
-                        "PSNR", "SSIM"):  # fmt: skip
+            for row in (
+                "Wall time",
+                "Speedup",
+                "Ideal speedup",
+                "Model calls per rank",
+                "Bytes communicated",
+                "PSNR",
+                "SSIM",
+            ):
                 expect(panel).to_contain_text(row)
             expect(page.locator("#left-output img")).to_be_visible()
             expect(page.locator("#right-output img")).to_be_visible()
@@ -48,5 +69,14 @@ def test_compare_in_a_real_browser(tmp_path: Path) -> None:
             assert shot.stat().st_size > 10_000
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, SCREENSHOT)
+
+            # Another model opens with its own example prompt and its own fields.
+            page.get_by_label("Model").click()
+            page.get_by_role("option", name="built-in audio").click()
+            expect(page.locator("#prompt textarea")).not_to_have_value(example)
+            audio_example = page.locator("#prompt textarea").input_value()
+            assert audio_example and audio_example[:40] in page.locator("#examples").inner_text(), audio_example
+            expect(page.get_by_label("Duration (s)")).to_be_visible()
+            expect(page.get_by_label("Height")).to_be_hidden()
         finally:
             browser.close()

@@ -15,9 +15,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from parastep.demo import KINDS, UnknownWordWarning, check, load_pipeline, parse_prompt, random_prompts  # noqa: E402
-from parastep.demo import data  # noqa: E402
-from parastep.demo.vocab import format_prompt, sample_attributes  # noqa: E402
+from demo_models import (
+    KINDS,
+    UnknownWordWarning,
+    check,
+    data,
+    load_pipeline,
+    parse_prompt,
+    random_prompts,
+)
+from demo_models.vocab import format_prompt, sample_attributes
 
 STEPS = 20
 
@@ -131,8 +138,15 @@ def test_guidance_changes_result_and_seed_reproduces(pipe):
 
 def test_prompt_parser_examples():
     assert parse_prompt("image", "a large red circle in the center on a blue background") == {
-        "size": "large", "color": "red", "shape": "circle", "position": "center", "background": "blue"}
-    assert parse_prompt("image", "a small yellow square at the top left on a black background")["position"] == "top left"
+        "size": "large",
+        "color": "red",
+        "shape": "circle",
+        "position": "center",
+        "background": "blue",
+    }
+    assert (
+        parse_prompt("image", "a small yellow square at the top left on a black background")["position"] == "top left"
+    )
     assert parse_prompt("video", "a red circle moving right on a black background")["direction"] == "right"
     assert parse_prompt("audio", "a rising sine tone") == {"pattern": "rising", "timbre": "sine"}
     assert parse_prompt("audio", "a low square tone") == {"pitch": "low", "timbre": "square"}

@@ -1,4 +1,5 @@
 """Single-process behaviour of the engine on a toy denoiser with known outputs."""
+
 from __future__ import annotations
 
 import copy
@@ -24,13 +25,16 @@ def pipe():
     return toy_pipeline()
 
 
-@pytest.mark.parametrize("config", [
-    parastep.ParaStepConfig(degree=1),
-    parastep.ParaStepConfig(warmup_steps=0),
-    parastep.ParaStepConfig(warmup_steps=T),
-    parastep.BatchStepConfig(stride=1, warmup_steps=2),
-    parastep.BatchStepConfig(stride=4, warmup_steps=T),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        parastep.ParaStepConfig(degree=1),
+        parastep.ParaStepConfig(warmup_steps=0),
+        parastep.ParaStepConfig(warmup_steps=T),
+        parastep.BatchStepConfig(stride=1, warmup_steps=2),
+        parastep.BatchStepConfig(stride=4, warmup_steps=T),
+    ],
+)
 def test_no_parallelism_is_bit_identical(pipe, config):
     base = run(pipe)
     handle = parastep.apply(pipe, config)
@@ -128,7 +132,7 @@ class ShiftedInputPipeline(ToyPipeline):
     """Feeds the denoiser something other than its latents: BatchStep must refuse it."""
 
     @torch.no_grad()
-    def __call__(self, prompt_embeds, negative_prompt_embeds=None, num_inference_steps=10, generator=None, **_):
+    def __call__(self, prompt_embeds, negative_prompt_embeds=None, num_inference_steps=10, generator=None, **_):  # type: ignore[override]
         latents = torch.randn((1, 4, 8, 8), generator=generator)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:
@@ -144,20 +148,36 @@ def test_batchstep_refuses_an_input_it_cannot_rebuild():
         run(pipe)
 
 
-@pytest.mark.parametrize("make,error,words", [
-    (lambda: parastep.ParaStepConfig(warmup_steps=-1), parastep.ConfigError, "warmup_steps must be"),
-    (lambda: parastep.ParaStepConfig(degree=0), parastep.ConfigError, "degree must be"),
-    (lambda: parastep.ParaStepConfig(timeout_s=0), parastep.ConfigError, "timeout_s"),
-    (lambda: parastep.BatchStepConfig(stride=0), parastep.ConfigError, "stride must be"),
-    (lambda: parastep.BatchStepConfig(warmup_steps=1.5), parastep.ConfigError, "warmup_steps must be"),
-    (lambda: parastep.apply(toy_pipeline(), parastep.ParaStepConfig(degree=2)), parastep.ConfigError,
-     "needs a torch.distributed process group"),
-    (lambda: parastep.apply(object(), parastep.BatchStepConfig()), parastep.UnsupportedPipelineError,
-     "no recognisable denoiser"),
-    (lambda: parastep.apply(ToyPipeline(ToyDenoiser(), None), parastep.BatchStepConfig()),
-     parastep.UnsupportedPipelineError, "no recognisable scheduler"),
-    (lambda: parastep.apply(toy_pipeline(), "fast"), parastep.ConfigError, "ParaStepConfig or BatchStepConfig"),
-])
+@pytest.mark.parametrize(
+    "make,error,words",
+    [
+        (lambda: parastep.ParaStepConfig(warmup_steps=-1), parastep.ConfigError, "warmup_steps must be"),
+        (lambda: parastep.ParaStepConfig(degree=0), parastep.ConfigError, "degree must be"),
+        (lambda: parastep.ParaStepConfig(timeout_s=0), parastep.ConfigError, "timeout_s"),
+        (lambda: parastep.BatchStepConfig(stride=0), parastep.ConfigError, "stride must be"),
+        (lambda: parastep.BatchStepConfig(warmup_steps=1.5), parastep.ConfigError, "warmup_steps must be"),
+        (
+            lambda: parastep.apply(toy_pipeline(), parastep.ParaStepConfig(degree=2)),
+            parastep.ConfigError,
+            "needs a torch.distributed process group",
+        ),
+        (
+            lambda: parastep.apply(object(), parastep.BatchStepConfig()),
+            parastep.UnsupportedPipelineError,
+            "no recognisable denoiser",
+        ),
+        (
+            lambda: parastep.apply(ToyPipeline(ToyDenoiser(), None), parastep.BatchStepConfig()),
+            parastep.UnsupportedPipelineError,
+            "no recognisable scheduler",
+        ),
+        (
+            lambda: parastep.apply(toy_pipeline(), "fast"),
+            parastep.ConfigError,
+            "config must be one of ParaStepConfig, BatchStepConfig",
+        ),
+    ],
+)
 def test_bad_configuration_says_what_to_change(make, error, words):
     with pytest.raises(error, match=words):
         make()
@@ -173,15 +193,3 @@ def test_ideal_speedup():
     assert parastep.ideal_speedup(50, 5, 2) == pytest.approx(50 / 28)
     assert parastep.ideal_speedup(50, 5, 4) == pytest.approx(50 / 17)
     assert parastep.ideal_speedup(10, 10, 4) == 1.0
-
-
-def test_metrics():
-    from parastep.metrics import psnr, ssim
-    a = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0)).numpy()
-    assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0)
-    noisy = (a + 0.01).clip(0, 1)
-    assert 30 < psnr(a, noisy) < 50 and 0.5 < ssim(a, noisy) < 1.0
-    wave = torch.linspace(-1, 1, 1000).sin().numpy()
-    assert psnr(wave, wave * 0.9) < psnr(wave, wave * 0.99)
-    with pytest.raises(ValueError, match="shape"):
-        psnr(a, a[:8])

@@ -1,4 +1,4 @@
-"""Launcher pieces without processes: the control channel and request validation."""
+"""Launcher pieces without processes: the control channel, request validation, quality metrics."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from torch.distributed import HashStore
 from launcher.backend import Backend
 from launcher.control import ControlChannel
 from launcher.models import LoadedModel
-from launcher.protocol import GenerateRequest, InputError, ModelInfo, PeerReport, PeerRun, Regroup
+from launcher.protocol import PeerReport, PeerRun, Regroup
+from launcher.request import GenerateRequest, InputError, ModelInfo
 from launcher.topology import Topology
+from parastep import RunStats, StepRecord
 
 
 def test_control_channel_delivers_in_order_reports_once_and_prunes() -> None:
@@ -21,10 +23,12 @@ def test_control_channel_delivers_in_order_reports_once_and_prunes() -> None:
     leader.post(PeerRun(1, 1, (0, 1), req, 5.0))
     assert peer.next_message() == (0, Regroup(1, (0, 1), 5.0))
     index, msg = peer.next_message()
-    assert index == 1 and msg.request == req
-    peer.report(PeerReport(1, 1, True, stats={"model_calls": 3}))
+    assert index == 1 and isinstance(msg, PeerRun) and msg.request == req
+    stats = RunStats("parastep", rank=1, model_calls=3, records=(StepRecord(0, 999.0, "computed", 0.01),))
+    peer.report(PeerReport(1, 1, True, stats=stats))
     peer.mark_processed(1)
-    assert leader.try_report(1, 1).stats == {"model_calls": 3}
+    report = leader.try_report(1, 1)
+    assert report is not None and report.stats == stats  # typed again on arrival, read by attribute
     assert leader.try_report(1, 1) is None  # read once
     leader.prune([1])
     assert not store.check(["parastep-ctl/msg/0"]) and not store.check(["parastep-ctl/msg/1"])
@@ -36,8 +40,9 @@ def _backend(world_size: int = 2) -> Backend:
     topo = Topology(0, world_size, 0, "gloo", torch.device("cpu"), torchrun=False)
     image = ModelInfo(name="img", modality="image", default_height=32, default_width=32, fixed_size=True)
     free = ModelInfo(name="sd", modality="image", default_height=64, default_width=64, size_multiple=8)
-    video = ModelInfo(name="vid", modality="video", default_height=32, default_width=32, default_frames=8,
-                      fixed_size=True)  # fmt: skip
+    video = ModelInfo(
+        name="vid", modality="video", default_height=32, default_width=32, default_frames=8, fixed_size=True
+    )
     audio = ModelInfo(name="aud", modality="audio", default_duration_s=1.0, fixed_size=True)
     models = {m.name: LoadedModel(None, m) for m in (image, free, video, audio)}
     return Backend(topo, None, models)
@@ -51,10 +56,10 @@ def _backend(world_size: int = 2) -> Backend:
         ({"steps": 0}, "Steps must be between 1 and 200 (got 0)."),
         ({"steps": 2.5}, "Steps must be a whole number"),
         ({"warmup_steps": 10}, "Warm-up (10) must be smaller than steps (10)"),
-        ({"warmup_steps": -1}, "Warm-up must be 0 or more"),
+        ({"warmup_steps": -1}, "Warm-up must be between 0 and 200 (got -1)."),
         ({"method": "batchstep", "stride": 11}, "Stride (11) cannot exceed steps (10)"),
         ({"method": "batchstep", "stride": 1}, "Stride must be at least 2"),
-        ({"model": "nope"}, "Unknown model 'nope'. Choose one of: img, sd, vid, aud."),
+        ({"model": "nope"}, "Unknown model 'nope': choose one of img, sd, vid, aud."),
         ({"model": "sd", "height": 60}, "Height 60 is not a multiple of 8, which sd needs: use 56 or 64."),
         ({"height": 64}, "img makes 32×32 only"),
         ({"model": "vid", "num_frames": 9}, "vid makes 8 frames only"),
@@ -78,3 +83,16 @@ def test_valid_request_is_normalised_and_parastep_needs_two_ranks() -> None:
         _backend(world_size=1).validate(req)
     with pytest.raises(InputError, match="Compare runs the baseline against ParaStep or BatchStep"):
         _backend().validate(GenerateRequest(model="sd", prompt="a fox", method="baseline"), compare=True)
+
+
+def test_quality_metrics() -> None:
+    from launcher.quality import psnr, ssim
+
+    a = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0)).numpy()
+    assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0)
+    noisy = (a + 0.01).clip(0, 1)
+    assert 30 < psnr(a, noisy) < 50 and 0.5 < ssim(a, noisy) < 1.0
+    wave = torch.linspace(-1, 1, 1000).sin().numpy()
+    assert psnr(wave, wave * 0.9) < psnr(wave, wave * 0.99)
+    with pytest.raises(ValueError, match="shape"):
+        psnr(a, a[:8])

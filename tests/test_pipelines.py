@@ -1,7 +1,7 @@
 """Drop-in on real diffusers pipelines built from tiny random-weight components (no hub)."""
+
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -10,32 +10,15 @@ import torch
 
 import parastep
 from tests.distributed import run_ranks
-from tests.tiny_pipelines import FAMILIES, VARIANTS, build
+from tests.tiny_pipelines import CASES, IDS, build, count_forwards
 
-CASES = [(f, {}) for f in FAMILIES] + VARIANTS
-IDS = [f + "".join(f"-{v}" if k == "scheduler" else f"-{k}" for k, v in kw.items()) for f, kw in CASES]
 T, W = 8, 2
-
-
-def count_forwards(pipe) -> list[int]:
-    """Counts real denoiser forward passes, beneath any strategy the test attaches later."""
-    denoiser = getattr(pipe, parastep.spec_for(pipe).denoiser)
-    counter = [0]
-    inner = denoiser.forward
-
-    @functools.wraps(inner)
-    def counted(*args, **kwargs):
-        counter[0] += 1
-        return inner(*args, **kwargs)
-
-    denoiser.forward = counted
-    return counter
 
 
 def call(pipe, kwargs, seed=0, **extra):
     out = pipe(**{**kwargs, **extra}, num_inference_steps=T, generator=torch.Generator().manual_seed(seed))
     if extra.get("output_type") == "latent":
-        return (out.images if hasattr(out, "images") else out.frames if hasattr(out, "frames") else out.audios)
+        return out.images if hasattr(out, "images") else out.frames if hasattr(out, "frames") else out.audios
     for name in ("images", "frames", "audios"):
         if hasattr(out, name):
             value = getattr(out, name)
@@ -71,7 +54,7 @@ def test_drop_in(family, variant):
             assert counter[0] == (W + math.ceil((T - W) / 3)) * per_step
         else:
             assert counter[0] < base_calls
-        assert [r.action for r in handle.last_stats.records][W:W + 3] == ["computed", "precomputed", "precomputed"]
+        assert [r.action for r in handle.last_stats.records][W : W + 3] == ["computed", "precomputed", "precomputed"]
         handle.remove()
     assert torch.equal(call(pipe, kwargs), base), "remove() did not restore the pipeline"
 
@@ -89,8 +72,12 @@ def parastep_rank(rank: int) -> dict:
         out = call(pipe, kwargs, output_type="np" if rank == 0 else "latent")
         last = finals[-1]
         latents = last[0] if isinstance(last, tuple) else last.prev_sample
-        results[name] = dict(calls=counter[0], stats_calls=handle.last_stats.model_calls, latents=latents,
-                             out=torch.as_tensor(np.asarray(out)) if rank == 0 else None)
+        results[name] = dict(
+            calls=counter[0],
+            stats_calls=handle.last_stats.model_calls,
+            latents=latents,
+            out=torch.as_tensor(np.asarray(out)) if rank == 0 else None,
+        )
     return results
 
 

@@ -33,9 +33,10 @@ Variants:
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
 import diffusers
+import torch
 from diffusers import DiffusionPipeline
 
 FAMILIES: list[str] = ["sd", "sdxl", "sd3", "flux", "cogvideox", "latte", "svd", "animatediff", "audioldm2"]
@@ -67,7 +68,7 @@ def _seeded(seed: int, fn, *args, **kwargs):
     return module
 
 
-def _ids(seed: int, offset: int, vocab: int = 1000, length: int = _TEXT_LEN) -> torch.LongTensor:
+def _ids(seed: int, offset: int, vocab: int = 1000, length: int = _TEXT_LEN) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1000 + offset)
     return torch.randint(3, vocab, (1, length), generator=g)
 
@@ -134,9 +135,8 @@ def _small_vae(seed: int, in_channels: int = 3, latent_channels: int = 4, block_
 
 
 def _build_sd(seed: int, scheduler: str | None):
-    from transformers import CLIPTextModel
-
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     unet = _seeded(
         seed,
@@ -187,9 +187,8 @@ def _build_sd(seed: int, scheduler: str | None):
 
 
 def _build_sdxl(seed: int, scheduler: str | None):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = _seeded(
         seed,
@@ -256,9 +255,13 @@ def _build_sdxl(seed: int, scheduler: str | None):
 
 
 def _build_sd3(seed: int, scheduler: str | None, skip_layer_guidance: bool = False):
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection
-
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     transformer = _seeded(
         seed,
@@ -341,9 +344,8 @@ def _build_sd3(seed: int, scheduler: str | None, skip_layer_guidance: bool = Fal
 
 
 def _build_flux(seed: int, scheduler: str | None, true_cfg: bool = False, guidance_embeds: bool = False):
-    from transformers import CLIPTextModel
-
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     transformer = _seeded(
         seed,
@@ -538,14 +540,13 @@ def _build_latte(seed: int, scheduler: str | None):
 
 def _build_svd(seed: int, scheduler: str | None):
     import transformers
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
     from diffusers import (
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
         StableVideoDiffusionPipeline,
         UNetSpatioTemporalConditionModel,
     )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     unet = _seeded(
         seed,
@@ -625,9 +626,8 @@ def _build_svd(seed: int, scheduler: str | None):
 
 
 def _build_animatediff(seed: int, scheduler: str | None):
-    from transformers import CLIPTextModel
-
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     unet = _seeded(
         seed,
@@ -679,6 +679,12 @@ def _build_animatediff(seed: int, scheduler: str | None):
 
 
 def _build_audioldm2(seed: int, scheduler: str | None):
+    from diffusers import (
+        AudioLDM2Pipeline,
+        AudioLDM2ProjectionModel,
+        AudioLDM2UNet2DConditionModel,
+        DDIMScheduler,
+    )
     from transformers import (
         ClapAudioConfig,
         ClapConfig,
@@ -688,13 +694,6 @@ def _build_audioldm2(seed: int, scheduler: str | None):
         GPT2LMHeadModel,
         SpeechT5HifiGan,
         SpeechT5HifiGanConfig,
-    )
-
-    from diffusers import (
-        AudioLDM2Pipeline,
-        AudioLDM2ProjectionModel,
-        AudioLDM2UNet2DConditionModel,
-        DDIMScheduler,
     )
 
     unet = _seeded(
@@ -868,3 +867,41 @@ def build(
         pipe, kwargs = _BUILDERS[family](seed, scheduler, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe, kwargs
+
+
+# Every family with its default scheduler, then the variants; test ids name the variant.
+CASES: list[tuple[str, dict]] = [(f, {}) for f in FAMILIES] + VARIANTS
+IDS: list[str] = [f + "".join(f"-{v}" if k == "scheduler" else f"-{k}" for k, v in kw.items()) for f, kw in CASES]
+
+
+def count_forwards(pipe: DiffusionPipeline) -> list[int]:
+    """Counts real denoiser forward passes, beneath any strategy attached later."""
+    import functools
+
+    import parastep
+
+    denoiser = getattr(pipe, parastep.spec_for(pipe).denoiser)
+    counter = [0]
+    inner = denoiser.forward
+
+    @functools.wraps(inner)
+    def counted(*args, **kwargs):
+        counter[0] += 1
+        return inner(*args, **kwargs)
+
+    denoiser.forward = counted
+    return counter
+
+
+def save_tiny_sd(root: Path) -> Path:
+    """A tiny StableDiffusionPipeline with a byte-level tokenizer, saved as a local model folder."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    pipe, _ = build("sd", seed=0)
+    chars = list(bytes_to_unicode().values())  # byte-level BPE with no merges: one token per byte
+    tokens = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pipe.register_modules(tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16))
+    pipe.save_pretrained(root / "tiny-sd")
+    return root / "tiny-sd"

@@ -1,4 +1,5 @@
 """A toy denoiser and a classic diffusers loop around it: outputs are exact functions of inputs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,16 @@ class ToyPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, prompt_embeds, negative_prompt_embeds=None, num_inference_steps: int = 10,
-                 guidance_scale: float = 3.0, generator=None, size: int = 8, output_type: str = "pt"):
+    def __call__(
+        self,
+        prompt_embeds,
+        negative_prompt_embeds=None,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 3.0,
+        generator=None,
+        size: int = 8,
+        output_type: str = "pt",
+    ):
         batch = prompt_embeds.shape[0]
         latents = torch.randn((batch, 4, size, size), generator=generator)
         cfg = negative_prompt_embeds is not None and guidance_scale > 1
@@ -56,8 +65,9 @@ class ToyPipeline(DiffusionPipeline):
 
 
 def toy_pipeline(scheduler_cls=DDIMScheduler) -> ToyPipeline:
-    scheduler = scheduler_cls(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                              beta_start=0.00085, beta_end=0.012)
+    scheduler = scheduler_cls(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     return ToyPipeline(ToyDenoiser(), scheduler)
 
 

@@ -106,7 +106,7 @@ def write_video(frames: np.ndarray, fps: int = 8) -> str:
         path, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error"
     ) as writer:
         for picture in pictures[:, :h, :w]:
-            writer.append_data(picture)
+            writer.append_data(picture)  # type: ignore[attr-defined]  # imageio's ffmpeg writer
     return path
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from launcher.protocol import METHOD_LABELS, CompareOutput, RunOutput  # noqa: E402
+from launcher.protocol import CompareOutput, RunOutput
+from launcher.request import METHOD_LABELS
 
 ACTION_COLOURS = {"computed": "#2563eb", "reused": "#cbd5e1", "received": "#16a34a", "precomputed": "#f59e0b"}
 
@@ -30,11 +28,7 @@ def _label(run: RunOutput) -> str:
 
 
 def _calls(run: RunOutput) -> str:
-    return " · ".join(str(s.get("model_calls", "?")) for s in run.stats)
-
-
-def _bytes(run: RunOutput) -> int:
-    return int(sum(s.get("bytes_sent", 0) for s in run.stats))
+    return " · ".join(str(c) for c in run.model_calls)
 
 
 def run_numbers(run: RunOutput) -> dict[str, Any]:
@@ -44,8 +38,8 @@ def run_numbers(run: RunOutput) -> dict[str, Any]:
         "denoise_s": round(run.denoise_s, 4) if run.denoise_s is not None else None,
         "ideal_speedup": round(run.ideal_speedup, 4),
         "ranks": len(run.stats),
-        "model_calls_per_rank": [s.get("model_calls") for s in run.stats],
-        "bytes_communicated": _bytes(run),
+        "model_calls_per_rank": run.model_calls,
+        "bytes_communicated": run.bytes_communicated,
         "note": run.note,
     }
 
@@ -71,13 +65,16 @@ def compare_markdown(result: CompareOutput) -> str:
         f"| Wall time (whole call) | {base.wall_s:.2f} s | {fast.wall_s:.2f} s |",
         f"| Speedup | 1.00× | **{result.speedup:.2f}×** |",
         *(
-            [f"| Denoising time (no decoding) | {base.denoise_s:.2f} s | {fast.denoise_s:.2f} s |",
-             f"| Denoising speedup | 1.00× | **{result.speedup_denoise:.2f}×** |"]
-            if result.speedup_denoise is not None else []
+            [
+                f"| Denoising time (no decoding) | {base.denoise_s:.2f} s | {fast.denoise_s:.2f} s |",
+                f"| Denoising speedup | 1.00× | **{result.speedup_denoise:.2f}×** |",
+            ]
+            if result.speedup_denoise is not None
+            else []
         ),
         f"| Ideal speedup for these settings | 1.00× | {fast.ideal_speedup:.2f}× |",
         f"| Model calls per rank | {_calls(base)} | {_calls(fast)} |",
-        f"| Bytes communicated | {human_bytes(_bytes(base))} | {human_bytes(_bytes(fast))} |",
+        f"| Bytes communicated | {human_bytes(base.bytes_communicated)} | {human_bytes(fast.bytes_communicated)} |",
         f"| PSNR vs baseline | — | {psnr} |",
         f"| SSIM vs baseline | — | {result.ssim:.4f} |",
     ]
@@ -93,27 +90,27 @@ def run_markdown(run: RunOutput) -> str:
         *([f"| Denoising time (no decoding) | {run.denoise_s:.2f} s |"] if run.denoise_s is not None else []),
         f"| Ideal speedup for these settings | {run.ideal_speedup:.2f}× |",
         f"| Model calls per rank | {_calls(run)} |",
-        f"| Bytes communicated | {human_bytes(_bytes(run))} |",
+        f"| Bytes communicated | {human_bytes(run.bytes_communicated)} |",
     ]
     note = f"\n\n⚠️ {run.note}" if run.note else ""
     return "### Latency\n\n" + "\n".join(rows) + note
 
 
-def timeline(runs: list[RunOutput]) -> plt.Figure:
+def timeline(runs: list[RunOutput]) -> Figure:
     """One row per (run, rank), one box per step coloured by what that rank did for it."""
-    rows: list[tuple[str, list[dict[str, Any]]]] = []
+    rows: list[tuple[str, list[tuple[int, str]]]] = []
     for run in runs:
         for stats in run.stats:
-            records = stats.get("records") or []
-            if run.method == "baseline" or not records:
-                steps = int(stats.get("steps") or 0)
-                records = [{"step": i, "action": "computed"} for i in range(steps)]
-            rows.append((f"{METHOD_LABELS[run.method]} · rank {stats.get('rank', 0)}", records))
-    fig, ax = plt.subplots(figsize=(8, 1.1 + 0.4 * len(rows)), dpi=100)
+            records = [(r.step, r.action) for r in stats.records]
+            if not records:  # the baseline computes every step
+                records = [(i, "computed") for i in range(stats.steps)]
+            rows.append((f"{METHOD_LABELS[run.method]} · rank {stats.rank}", records))
+    fig = Figure(figsize=(8, 1.1 + 0.4 * len(rows)), dpi=100)  # no pyplot: no global state, any thread
+    ax = fig.subplots()
     for y, (_, records) in enumerate(reversed(rows)):
-        for rec in records:
-            colour = ACTION_COLOURS.get(rec["action"], "#000000")
-            ax.barh(y, 0.9, left=rec["step"] + 0.05, height=0.7, color=colour, edgecolor="none")
+        for step, action in records:
+            colour = ACTION_COLOURS.get(action, "#000000")
+            ax.barh(y, 0.9, left=step + 0.05, height=0.7, color=colour, edgecolor="none")
     ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)])
     ax.set_xlabel("denoising step")
     ax.set_xlim(0, max((len(r) for _, r in rows), default=1))
@@ -121,5 +118,4 @@ def timeline(runs: list[RunOutput]) -> plt.Figure:
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    plt.close(fig)
     return fig

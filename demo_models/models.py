@@ -1,6 +1,6 @@
 """The denoiser of the built-in demo models: a small attribute-conditioned convolutional UNet.
 
-Conditioning is a handful of attribute tokens (see :mod:`parastep.demo.vocab`), each
+Conditioning is a handful of attribute tokens (see :mod:`demo_models.vocab`), each
 embedded, summed with the timestep embedding and fed to every residual block as a FiLM
 scale and shift. Two coordinate channels are appended to the input so that "top left"
 is easy to learn.
@@ -47,7 +47,7 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(self.conv2.bias)  # type: ignore[arg-type]  # a Conv2d made with a bias
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -114,6 +114,7 @@ class AttributeUNet(ModelMixin, ConfigMixin):
             nn.Embedding(n, math.prod(self._bottleneck)) for n in (attribute_sizes if spatial_conditioning else ())
         )
         for table in self.attr_maps:
+            assert isinstance(table, nn.Embedding)
             nn.init.normal_(table.weight, std=0.02)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -126,7 +127,7 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         self.norm_out = nn.GroupNorm(_groups(c), c)
         self.conv_out = nn.Conv2d(c, chans, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]  # a Conv2d made with a bias
 
     def forward(
         self,

@@ -1,10 +1,10 @@
 """Measure a built-in demo model: prompt adherence on held-out prompts, per-call cost, examples.
 
-    python -m parastep.demo.evaluate image                  # 100 prompts, default steps
-    python -m parastep.demo.evaluate audio --n 20 --steps 25
+    python -m demo_models.evaluate image                  # 100 prompts, default steps
+    python -m demo_models.evaluate audio --n 20 --steps 25
 
 Held-out prompts come from :func:`random_prompts` with a seed the training never used; the
-checker (:mod:`parastep.demo.checkers`) measures the decoded samples.
+checker (:mod:`demo_models.checkers`) measures the decoded samples.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .checkers import check
-from .loading import ASSETS_DIR, load_pipeline
+from .loading import load_pipeline
 from .vocab import check_kind, random_prompts
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,13 @@ def _samples(kind: str, out: Any) -> list[Any]:
 
 
 def adherence(
-    pipe: Any, kind: str, n: int = 100, steps: int | None = None, seed: int = EVAL_SEED,
-    batch: int = 20, guidance_scale: float | None = None,
+    pipe: Any,
+    kind: str,
+    n: int = 100,
+    steps: int | None = None,
+    seed: int = EVAL_SEED,
+    batch: int = 20,
+    guidance_scale: float | None = None,
 ) -> dict[str, Any]:
     """Fraction of held-out prompts whose samples pass each attribute check."""
     prompts = random_prompts(kind, n, seed=seed)
@@ -51,7 +56,7 @@ def adherence(
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     for start in range(0, n, batch):
-        chunk = prompts[start:start + batch]
+        chunk = prompts[start : start + batch]
         gen = torch.Generator().manual_seed(seed + start)
         out = pipe(chunk, generator=gen, **kwargs)
         for prompt, sample in zip(chunk, _samples(kind, out)):
@@ -93,14 +98,20 @@ def save_examples(pipe: Any, kind: str, prompts: list[str], out_dir: Path, seed:
     paths = []
     if kind == "image":
         ims = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=1.0) for im in out.images], axis=1)
-        big = PIL.Image.fromarray((ims * 255).astype(np.uint8)).resize((ims.shape[1] * 4, ims.shape[0] * 4), PIL.Image.NEAREST)
+        big = PIL.Image.fromarray((ims * 255).astype(np.uint8)).resize(
+            (ims.shape[1] * 4, ims.shape[0] * 4), PIL.Image.Resampling.NEAREST
+        )
         paths.append(out_dir / "examples.png")
         big.save(paths[-1])
     elif kind == "video":
-        rows = [np.concatenate([np.pad(f, ((1, 1), (1, 1), (0, 0)), constant_values=1.0) for f in vid], axis=1)
-                for vid in out.frames]
+        rows = [
+            np.concatenate([np.pad(f, ((1, 1), (1, 1), (0, 0)), constant_values=1.0) for f in vid], axis=1)
+            for vid in out.frames
+        ]
         grid = np.concatenate(rows, axis=0)
-        big = PIL.Image.fromarray((grid * 255).astype(np.uint8)).resize((grid.shape[1] * 3, grid.shape[0] * 3), PIL.Image.NEAREST)
+        big = PIL.Image.fromarray((grid * 255).astype(np.uint8)).resize(
+            (grid.shape[1] * 3, grid.shape[0] * 3), PIL.Image.Resampling.NEAREST
+        )
         paths.append(out_dir / "examples.png")
         big.save(paths[-1])
     else:
@@ -115,7 +126,9 @@ def save_examples(pipe: Any, kind: str, prompts: list[str], out_dir: Path, seed:
             paths.append(p)
             mels.append(np.pad((audio_to_mel(wave)[::-1] + 1) / 2, 1, constant_values=1.0))
         grid = np.concatenate(mels, axis=1)
-        big = PIL.Image.fromarray((grid * 255).astype(np.uint8)).resize((grid.shape[1] * 3, grid.shape[0] * 3), PIL.Image.NEAREST)
+        big = PIL.Image.fromarray((grid * 255).astype(np.uint8)).resize(
+            (grid.shape[1] * 3, grid.shape[0] * 3), PIL.Image.Resampling.NEAREST
+        )
         paths.append(out_dir / "examples.png")
         big.save(paths[-1])
     return paths

@@ -8,8 +8,9 @@ step-level accelerators attach to ``pipe.unet`` and ``pipe.scheduler`` unchanged
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -71,7 +72,9 @@ class _AttributeDiffusionPipeline(DiffusionPipeline):
     def _wrap(self, decoded: Any) -> BaseOutput:
         raise NotImplementedError
 
-    def _initial_noise(self, shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _initial_noise(
+        self, shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     # -- shared ---------------------------------------------------------------------------
@@ -100,7 +103,9 @@ class _AttributeDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
-                raise ValueError(f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}, got {name!r}")
+                raise ValueError(
+                    f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}, got {name!r}"
+                )
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
         prompts = [p or "" for p in prompts for _ in range(num_images_per_prompt)]
         batch = len(prompts)
@@ -172,7 +177,9 @@ class ShapesImagePipeline(_AttributeDiffusionPipeline):
 
     modality = "image"
 
-    def _latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+    def _latent_shape(
+        self, batch: int, height: int | None = None, width: int | None = None, **_: Any
+    ) -> tuple[int, ...]:
         h0, w0 = self.unet.config.sample_size
         height, width = height or h0, width or w0
         if (height, width) != (h0, w0):
@@ -183,10 +190,10 @@ class ShapesImagePipeline(_AttributeDiffusionPipeline):
         images = self._to_unit(latents).permute(0, 2, 3, 1)
         if output_type == "pt":
             return images
-        images = images.numpy()
+        array = images.numpy()
         if output_type == "pil":
-            return [PIL.Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
-        return images
+            return [PIL.Image.fromarray((im * 255).round().astype(np.uint8)) for im in array]
+        return array
 
     def _wrap(self, decoded: Any) -> ShapesImageOutput:
         return ShapesImageOutput(images=decoded)
@@ -213,9 +220,18 @@ class ShapesImagePipeline(_AttributeDiffusionPipeline):
     ) -> ShapesImageOutput | tuple:
         """Generate images; ``output_type`` is "np" (N×H×W×3 in [0, 1]), "pil", "pt" or "latent"."""
         return self._run(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, generator, output_type,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict, latents,
-            num_images_per_prompt, {"height": height, "width": width},
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            return_dict,
+            latents,
+            num_images_per_prompt,
+            {"height": height, "width": width},
         )
 
 
@@ -226,7 +242,12 @@ class ShapesVideoPipeline(_AttributeDiffusionPipeline):
     fps = 8
 
     def _latent_shape(
-        self, batch: int, num_frames: int | None = None, height: int | None = None, width: int | None = None
+        self,
+        batch: int,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        **_: Any,
     ) -> tuple[int, ...]:
         cfg = self.unet.config
         h0, w0 = cfg.sample_size
@@ -239,7 +260,9 @@ class ShapesVideoPipeline(_AttributeDiffusionPipeline):
             )
         return (batch, cfg.in_channels, num_frames, height, width)
 
-    def _initial_noise(self, shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _initial_noise(
+        self, shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         # One noise image for all frames: the denoiser works frame by frame, and shared noise
         # keeps what the prompt leaves open (colour, shape, offset) the same in every frame.
         b, c, f, h, w = shape
@@ -275,9 +298,18 @@ class ShapesVideoPipeline(_AttributeDiffusionPipeline):
     ) -> ShapesVideoOutput | tuple:
         """Generate videos; ``.frames`` is N×F×H×W×3 in [0, 1] ("pt": a tensor, "latent": latents)."""
         return self._run(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, generator, output_type,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict, latents,
-            num_images_per_prompt, {"num_frames": num_frames, "height": height, "width": width},
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            return_dict,
+            latents,
+            num_images_per_prompt,
+            {"num_frames": num_frames, "height": height, "width": width},
         )
 
 
@@ -289,7 +321,7 @@ class TonesAudioPipeline(_AttributeDiffusionPipeline):
     sample_rate = data.SAMPLE_RATE
     griffin_lim_iters = 32
 
-    def _latent_shape(self, batch: int, audio_length_in_s: float | None = None) -> tuple[int, ...]:
+    def _latent_shape(self, batch: int, audio_length_in_s: float | None = None, **_: Any) -> tuple[int, ...]:
         length = data.AUDIO_SECONDS if audio_length_in_s is None else float(audio_length_in_s)
         if abs(length - data.AUDIO_SECONDS) > 1e-6:
             raise ValueError(
@@ -329,9 +361,18 @@ class TonesAudioPipeline(_AttributeDiffusionPipeline):
     ) -> TonesAudioOutput | tuple:
         """Generate tones; ``.audios`` is N×16000 in [-1, 1] at 16 kHz ("latent": the mel latents)."""
         return self._run(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, generator, output_type,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict, latents,
-            num_waveforms_per_prompt, {"audio_length_in_s": audio_length_in_s},
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            return_dict,
+            latents,
+            num_waveforms_per_prompt,
+            {"audio_length_in_s": audio_length_in_s},
         )
 
 

@@ -90,7 +90,8 @@ def check_image(prompt: str, image: Any) -> dict[str, bool]:
     m = analyse_frame(img)
     got: dict[str, Any] = {"color": m["color"], "shape": m["shape"], "background": m["background"]}
     if m["centroid"] is not None:
-        got["position"] = _position(*m["centroid"], img.shape[0])
+        cx, cy = m["centroid"]
+        got["position"] = _position(cx, cy, img.shape[0])
         # Threshold between the small and large areas of the rendered shapes (in pixels at 32×32).
         got["size"] = "large" if m["area"] > 85 * (img.shape[0] / 32) ** 2 else "small"
     return {k: got.get(k) == v for k, v in want.items()}
@@ -140,7 +141,7 @@ def analyse_audio(wave: np.ndarray, sr: int = data.SAMPLE_RATE) -> dict[str, Any
     slope = float(np.polyfit(secs, logf, 1)[0]) if np.ptp(secs) > 0.3 else 0.0
     result["octaves_per_second"] = slope
     # Envelope modulation over the middle 80 % of the clip (skips fades).
-    core = rms[int(0.1 * len(rms)): int(0.9 * len(rms))]
+    core = rms[int(0.1 * len(rms)) : int(0.9 * len(rms))]
     modulation = float(np.percentile(core, 10) / (np.percentile(core, 90) + 1e-9))
     result["envelope_min_over_max"] = modulation
     if slope > 0.4:

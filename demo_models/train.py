@@ -1,7 +1,7 @@
 """Train a built-in demo model on procedurally generated data and save it under ``assets/<kind>``.
 
-    python -m parastep.demo.train image            # the shipped recipe (fixed seed)
-    python -m parastep.demo.train audio --steps 200 --out /tmp/probe   # a quick probe
+    python -m demo_models.train image            # the shipped recipe (fixed seed)
+    python -m demo_models.train audio --steps 200 --out /tmp/probe   # a quick probe
 
 Recipe: pixel/mel space, cosine noise schedule, AdamW with warm-up and cosine decay, EMA of
 the weights, attribute dropout (each slot 20 %, whole prompt 10 %) so partial and empty
@@ -34,7 +34,7 @@ from .vocab import SLOTS, attribute_sizes, check_kind, encode_attributes, sample
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TRAIN_SEED = 0
 
 
@@ -71,8 +71,15 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "image": Recipe(
         kind="image",
-        unet=dict(in_channels=3, num_frames=1, sample_size=(32, 32), block_out_channels=(32, 64, 128),
-                  emb_dim=128, mid_blocks=1, patch_size=2),
+        unet=dict(
+            in_channels=3,
+            num_frames=1,
+            sample_size=(32, 32),
+            block_out_channels=(32, 64, 128),
+            emb_dim=128,
+            mid_blocks=1,
+            patch_size=2,
+        ),
         dataset_size=20_000,
         steps=7000,
         snr_weight_cap=5.0,
@@ -80,17 +87,31 @@ RECIPES: dict[str, Recipe] = {
     ),
     "video": Recipe(
         kind="video",
-        unet=dict(in_channels=3, num_frames=data.VIDEO_FRAMES, sample_size=(32, 32),
-                  block_out_channels=(24, 48, 96), emb_dim=128, mid_blocks=1, patch_size=2,
-                  motion_slot=[s.name for s in SLOTS["video"]].index("direction")),
+        unet=dict(
+            in_channels=3,
+            num_frames=data.VIDEO_FRAMES,
+            sample_size=(32, 32),
+            block_out_channels=(24, 48, 96),
+            emb_dim=128,
+            mid_blocks=1,
+            patch_size=2,
+            motion_slot=[s.name for s in SLOTS["video"]].index("direction"),
+        ),
         dataset_size=8_000,
         steps=4500,
         scheduler=dict(SCHEDULER, prediction_type="sample"),
     ),
     "audio": Recipe(
         kind="audio",
-        unet=dict(in_channels=1, num_frames=1, sample_size=(data.N_MELS, data.MEL_FRAMES),
-                  block_out_channels=(32, 64, 128), emb_dim=128, mid_blocks=1, patch_size=4),
+        unet=dict(
+            in_channels=1,
+            num_frames=1,
+            sample_size=(data.N_MELS, data.MEL_FRAMES),
+            block_out_channels=(32, 64, 128),
+            emb_dim=128,
+            mid_blocks=1,
+            patch_size=4,
+        ),
         dataset_size=8_000,
         steps=2000,
     ),
@@ -135,8 +156,10 @@ def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int
     ema = copy.deepcopy(net).requires_grad_(False)
     sched = pipe.scheduler
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    lr_at = lambda s: recipe.lr * min(1.0, (s + 1) / recipe.warmup) * (  # noqa: E731
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / recipe.steps)))
+    lr_at = lambda s: (
+        recipe.lr
+        * min(1.0, (s + 1) / recipe.warmup)
+        * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
     )
     gen = torch.Generator().manual_seed(recipe.seed)
     n_slots = len(SLOTS[recipe.kind])
@@ -176,8 +199,13 @@ def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int
                 pe.lerp_(p, 1 - decay)
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
-            logger.info("step %d loss %.4f lr %.2e %.2f s/step", step + 1, float(np.mean(losses[-50:])),
-                        lr_at(step), (time.time() - t_train) / (step + 1))
+            logger.info(
+                "step %d loss %.4f lr %.2e %.2f s/step",
+                step + 1,
+                float(np.mean(losses[-50:])),
+                lr_at(step),
+                (time.time() - t_train) / (step + 1),
+            )
         if (step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps:
             stats = {
                 "steps": step + 1,

@@ -43,17 +43,57 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 }
 
 _SYNONYMS = {
-    "centre": "center", "grey": "gray", "violet": "purple",
-    "circles": "circle", "squares": "square", "triangles": "triangle", "big": "large",
-    "tiny": "small", "upward": "up", "upwards": "up", "downward": "down", "downwards": "down",
-    "rightward": "right", "rightwards": "right", "leftward": "left", "leftwards": "left",
-    "mid": "middle", "medium": "middle", "ascending": "rising", "descending": "falling",
-    "pulsating": "pulsing", "pulse": "pulsing", "pulsed": "pulsing", "constant": "steady",
+    "centre": "center",
+    "grey": "gray",
+    "violet": "purple",
+    "circles": "circle",
+    "squares": "square",
+    "triangles": "triangle",
+    "big": "large",
+    "tiny": "small",
+    "upward": "up",
+    "upwards": "up",
+    "downward": "down",
+    "downwards": "down",
+    "rightward": "right",
+    "rightwards": "right",
+    "leftward": "left",
+    "leftwards": "left",
+    "mid": "middle",
+    "medium": "middle",
+    "ascending": "rising",
+    "descending": "falling",
+    "pulsating": "pulsing",
+    "pulse": "pulsing",
+    "pulsed": "pulsing",
+    "constant": "steady",
 }
 _STOP_WORDS = {
-    "a", "an", "the", "in", "at", "on", "of", "with", "and", "over", "to", "is",
-    "background", "moving", "moves", "tone", "tones", "sound", "note", "wave", "shape",
-    "corner", "pitched", "pitch", "",
+    "a",
+    "an",
+    "the",
+    "in",
+    "at",
+    "on",
+    "of",
+    "with",
+    "and",
+    "over",
+    "to",
+    "is",
+    "background",
+    "moving",
+    "moves",
+    "tone",
+    "tones",
+    "sound",
+    "note",
+    "wave",
+    "shape",
+    "corner",
+    "pitched",
+    "pitch",
+    "",
 }
 
 
@@ -125,8 +165,7 @@ def parse_prompt(kind: str, prompt: str | None, warn: bool = True) -> dict[str, 
         if slot in found and found[slot] != value:
             if warn:
                 warnings.warn(
-                    f"Prompt gives two values for {slot} ({found[slot]!r} and {value!r}); "
-                    f"using {found[slot]!r}.",
+                    f"Prompt gives two values for {slot} ({found[slot]!r} and {value!r}); using {found[slot]!r}.",
                     UnknownWordWarning,
                     stacklevel=3,
                 )
@@ -171,10 +210,7 @@ def describe_vocabulary(kind: str) -> str:
 
 def encode_attributes(kind: str, attributes: dict[str, str]) -> list[int]:
     """Token ids (0 = unspecified) for a ``{slot: value}`` dict."""
-    return [
-        (s.values.index(attributes[s.name]) + 1) if s.name in attributes else 0
-        for s in SLOTS[check_kind(kind)]
-    ]
+    return [(s.values.index(attributes[s.name]) + 1) if s.name in attributes else 0 for s in SLOTS[check_kind(kind)]]
 
 
 def encode_prompt(kind: str, prompt: str | None, warn: bool = True) -> list[int]:

@@ -14,7 +14,7 @@ from .vocab import check_kind
 
 logger = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 
 def load_pipeline(
@@ -34,7 +34,7 @@ def load_pipeline(
     root = Path(path) if path is not None else ASSETS_DIR / kind
     if not (root / "unet" / "config.json").is_file():
         raise FileNotFoundError(
-            f"No trained {kind} model at {root}; train it with `python -m parastep.demo.train {kind}`."
+            f"No trained {kind} model at {root}; train it with `python -m demo_models.train {kind}`."
         )
     unet = AttributeUNet.from_pretrained(root / "unet", local_files_only=True)
     scheduler = DDIMScheduler.from_pretrained(root / "scheduler", local_files_only=True)

@@ -1,4 +1,5 @@
 """Quality of an accelerated output against the baseline output of the same seed."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,5 +29,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.mean([ssim(x, y) for x, y in zip(a, b)]))
     spatial = a.shape[:2] if a.ndim == 3 else a.shape
     win = min(7, min(spatial) - (1 - min(spatial) % 2))  # odd and no larger than the signal
-    return float(structural_similarity(a, b, data_range=data_range, win_size=max(win, 3),
-                                       channel_axis=-1 if a.ndim == 3 else None))
+    return float(
+        structural_similarity(
+            a, b, data_range=data_range, win_size=max(win, 3), channel_axis=-1 if a.ndim == 3 else None
+        )
+    )

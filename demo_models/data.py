@@ -150,8 +150,14 @@ def audio_to_mel(wave: np.ndarray) -> np.ndarray:
     import librosa
 
     mel = librosa.feature.melspectrogram(
-        y=wave, sr=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS,
-        fmin=F_MIN, fmax=F_MAX, power=2.0,
+        y=wave,
+        sr=SAMPLE_RATE,
+        n_fft=N_FFT,
+        hop_length=HOP_LENGTH,
+        n_mels=N_MELS,
+        fmin=F_MIN,
+        fmax=F_MAX,
+        power=2.0,
     )[:, :MEL_FRAMES]
     db = librosa.power_to_db(mel, ref=DB_REF, amin=1e-10, top_db=None)
     db = np.clip(db, DB_FLOOR, 0.0)
@@ -174,7 +180,11 @@ def mel_to_audio(mel: np.ndarray, n_iter: int = 32, length: int | None = None) -
         power, sr=SAMPLE_RATE, n_fft=N_FFT, power=2.0, fmin=F_MIN, fmax=F_MAX
     )
     wave = librosa.griffinlim(
-        magnitude, n_iter=n_iter, hop_length=HOP_LENGTH, n_fft=N_FFT,
-        length=n, random_state=0,
+        magnitude,
+        n_iter=n_iter,
+        hop_length=HOP_LENGTH,
+        n_fft=N_FFT,
+        length=n,
+        random_state=0,
     )
     return np.clip(wave, -1.0, 1.0).astype(np.float32)

@@ -1,0 +1,1 @@
+"""The Gradio interface of ParaStep Studio; talks only to a backend from launcher/."""
