@@ -1,8 +1,8 @@
-"""Attach a strategy to one diffusers pipeline instance.
+"""Attach one strategy, or a chain of them, to one diffusers pipeline instance.
 
 Two per-instance wrappers do all the work: one around the denoiser's ``forward`` (which asks
-the strategy to decide each denoiser call) and one around ``scheduler.step`` (which marks step
-boundaries and lets the strategy act around them). ``scheduler.set_timesteps`` starts a new
+the strategies to decide each denoiser call) and one around ``scheduler.step`` (which marks step
+boundaries and lets the strategies act around them). ``scheduler.set_timesteps`` starts a new
 pipeline call, so state is reset automatically. Nothing at class level is touched;
 ``Handle.remove()`` restores all. The stages a strategy sees are in
 :mod:`parastep.strategies.base`.
@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ConfigError, ParaStepError, UnsupportedPipelineError, UnsupportedSchedulerError
@@ -23,8 +25,10 @@ from .strategies import CONFIG_TYPES
 from .strategies.base import (
     STEP_ARGS,
     WRAPPED,
+    Action,
     CallState,
     DenoiserCall,
+    Strategy,
     StrategyConfig,
     Target,
     main_output,
@@ -40,10 +44,13 @@ class Handle:
     """Returned by :func:`apply`. ``remove()`` restores the pipeline; ``last_stats`` describes the
     last pipeline call on this rank."""
 
-    def __init__(self, pipe: Any, config: StrategyConfig, group: Any):
-        if not isinstance(config, StrategyConfig):
-            names = ", ".join(c.__name__ for c in CONFIG_TYPES)
-            raise ConfigError(f"config must be one of {names}; got {type(config).__name__}")
+    def __init__(self, pipe: Any, configs: Sequence[StrategyConfig], group: Any):
+        if not configs:
+            raise ConfigError("give apply() at least one strategy config")
+        for config in configs:
+            if not isinstance(config, StrategyConfig):
+                names = ", ".join(c.__name__ for c in CONFIG_TYPES)
+                raise ConfigError(f"config must be one of {names}; got {type(config).__name__}")
         spec = spec_for(pipe)
         scheduler = getattr(pipe, "scheduler", None)
         name = type(pipe).__name__
@@ -56,7 +63,8 @@ class Handle:
             raise UnsupportedSchedulerError(
                 f"{type(scheduler).__name__}.step must take model_output, timestep and sample"
             )
-        self.pipe, self.config = pipe, config
+        self.pipe, self.configs = pipe, tuple(configs)
+        self.config = self.configs[0]
         self.denoiser = getattr(pipe, spec.denoiser)
         self.scheduler: Any = scheduler
         self._last_stats: RunStats | None = None
@@ -64,8 +72,17 @@ class Handle:
         self._armed = False
         self._originals = {m: scheduler.__dict__.get(m) for m in WRAPPED}
         self._forward_original = self.denoiser.__dict__.get("forward")
-        self.strategy = config.build(Target(pipe, spec, self.denoiser, scheduler), group)
-        self.comm = self.strategy.comm
+        target = Target(pipe, spec, self.denoiser, scheduler)
+        self.strategies: list[Strategy] = []
+        try:
+            for config in self.configs:
+                self.strategies.append(config.build(target, group))
+        except BaseException:
+            for built in self.strategies:
+                built.detach()
+            raise
+        self.strategy = self.strategies[0]
+        self.comm = next((s.comm for s in self.strategies if s.comm is not None), None)
         self._install()
         pipe._parastep_handle = self
 
@@ -83,7 +100,29 @@ class Handle:
         )
         step_names = list(step_signature(self.scheduler).parameters)
         i_output, i_timestep = step_names.index("model_output"), step_names.index("timestep")
-        strategy = self.strategy
+        strategies = self.strategies
+
+        def decide(level: int, call: CallState, index: int, args: tuple, kwargs: dict) -> tuple[Action, Any]:
+            """Strategy ``level`` decides; running the call means asking the next level, and
+            below the last one the real forward pass runs (and is counted). A level that ran the
+            call reports what the level below did."""
+            below: list[Action] = ["computed"]
+            inner: Callable[..., Any]
+            if level + 1 < len(strategies):
+
+                def inner(*a: Any, **k: Any) -> Any:
+                    below[0], out = decide(level + 1, call, index, a, k)
+                    return out
+
+            else:
+
+                def inner(*a: Any, **k: Any) -> Any:
+                    call.model_calls += 1
+                    return forward(*a, **k)
+
+            d = DenoiserCall(inner, forward_sig, forward_names, args, kwargs)
+            action, out = strategies[level].denoise(call, index, d)
+            return (below[0] if action == "computed" else action), out
 
         @functools.wraps(set_timesteps)
         def set_timesteps_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -99,7 +138,7 @@ class Handle:
             if call is None:
                 return forward(*args, **kwargs)
             index, call.call = call.call, call.call + 1
-            action, out = strategy.denoise(call, index, DenoiserCall(forward, forward_sig, forward_names, args, kwargs))
+            action, out = decide(0, call, index, args, kwargs)
             if index == 0:
                 call.action = action
             return out
@@ -109,8 +148,11 @@ class Handle:
             call = self._call
             if call is None:
                 return step(*args, **kwargs)
-            strategy.before_step(call)
-            result = strategy.after_step(call, step(*args, **kwargs))
+            for strategy in strategies:
+                strategy.before_step(call)
+            result = step(*args, **kwargs)
+            for strategy in strategies:
+                result = strategy.after_step(call, result)
             call.guided = kwargs["model_output"] if "model_output" in kwargs else args[i_output]
             timestep = kwargs["timestep"] if "timestep" in kwargs else args[i_timestep]
             call.records.append((call.step, timestep, call.action, time.perf_counter()))
@@ -128,27 +170,29 @@ class Handle:
         self._armed = False
         begin = getattr(self.scheduler, "begin_index", None) or 0
         self._call = CallState(steps=len(self.scheduler.timesteps) - begin, begin_index=begin)
-        self.strategy.begin(self._call)
+        for strategy in self.strategies:
+            strategy.begin(self._call)
         return self._call
 
     def _finish(self, call: CallState) -> None:
         self._call = None
-        self.strategy.end(call)
+        for strategy in self.strategies:
+            strategy.end(call)
         records, last = [], call.start
         for step, timestep, action, end in call.records:  # converted once, after the loop
             records.append(StepRecord(step, float(timestep), action, end - last))
             last = end
-        comm = self.comm
+        comm, comms = self.comm, [s.comm for s in self.strategies if s.comm is not None]
         self._last_stats = RunStats(
-            method=self.config.method,
+            method="+".join(c.method for c in self.configs),
             rank=comm.rank if comm else 0,
             world_size=comm.size if comm else 1,
-            degree=self.strategy.parallelism,
+            degree=math.prod(s.parallelism for s in self.strategies),
             steps=call.steps,
-            warmup_steps=self.config.warmup_steps,
+            warmup_steps=max(c.warmup_steps for c in self.configs),
             model_calls=call.model_calls,
-            bytes_sent=comm.bytes_sent if comm else 0,
-            bytes_received=comm.bytes_received if comm else 0,
+            bytes_sent=sum(c.bytes_sent for c in comms),
+            bytes_received=sum(c.bytes_received for c in comms),
             wall_s=last - call.start,
             records=tuple(records),
         )
@@ -164,6 +208,8 @@ class Handle:
         """Restores the denoiser's forward and the scheduler's methods exactly."""
         if getattr(self.pipe, "_parastep_handle", None) is not self:
             return
+        for strategy in reversed(self.strategies):
+            strategy.detach()
         if self._forward_original is None:
             del self.denoiser.forward
         else:
@@ -176,8 +222,9 @@ class Handle:
         del self.pipe._parastep_handle
 
 
-def apply(pipe: Any, config: StrategyConfig, group: Any = None) -> Handle:
-    """Attaches a step strategy to ``pipe``; call the pipeline exactly as before.
+def apply(pipe: Any, config: StrategyConfig | Sequence[StrategyConfig], group: Any = None) -> Handle:
+    """Attaches a step strategy (or a chain of them, outermost first) to ``pipe``; call the
+    pipeline exactly as before.
 
     Example::
 
@@ -194,4 +241,5 @@ def apply(pipe: Any, config: StrategyConfig, group: Any = None) -> Handle:
         raise ConfigError(
             f"{type(pipe).__name__} already has a strategy attached; call handle.remove() before applying another"
         )
-    return Handle(pipe, config, group)
+    configs = [config] if isinstance(config, StrategyConfig) or not isinstance(config, Sequence) else list(config)
+    return Handle(pipe, configs, group)

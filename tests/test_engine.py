@@ -193,3 +193,24 @@ def test_ideal_speedup():
     assert parastep.ideal_speedup(50, 5, 2) == pytest.approx(50 / 28)
     assert parastep.ideal_speedup(50, 5, 4) == pytest.approx(50 / 17)
     assert parastep.ideal_speedup(10, 10, 4) == 1.0
+
+
+def test_a_chain_of_strategies_is_the_inner_one_when_the_outer_passes_through(pipe):
+    handle = parastep.apply(pipe, parastep.BatchStepConfig(stride=3, warmup_steps=2))
+    alone, alone_calls = run(pipe), handle.last_stats.model_calls
+    handle.remove()
+    before = pipe.unet.forward_calls
+    chain = [parastep.ParaStepConfig(degree=1), parastep.BatchStepConfig(stride=3, warmup_steps=2)]
+    handle = parastep.apply(pipe, chain)
+    assert torch.equal(run(pipe), alone)
+    stats = handle.last_stats
+    assert stats.model_calls == alone_calls == pipe.unet.forward_calls - before == 2 + math.ceil(8 / 3)
+    assert stats.method == "parastep+batchstep" and stats.degree == 3
+    assert [r.action for r in stats.records][2:5] == ["computed", "precomputed", "precomputed"]
+    handle.remove()
+    assert "forward" not in vars(pipe.unet) and "step" not in vars(pipe.scheduler)
+
+
+def test_an_empty_chain_is_refused(pipe):
+    with pytest.raises(parastep.ConfigError, match="at least one strategy config"):
+        parastep.apply(pipe, [])

@@ -12,6 +12,11 @@ pipeline call:
 
 A new strategy is one module with a frozen config dataclass (a :class:`StrategyConfig`, whose
 :meth:`~StrategyConfig.build` makes the strategy) and a :class:`Strategy` subclass.
+
+Strategies compose: ``parastep.apply(pipe, [outer, inner])`` chains them, outermost first. The
+outer strategy's :meth:`DenoiserCall.run` is the inner strategy's decision, and the innermost
+one's is the real forward pass; the engine counts real forward passes, so no strategy counts
+model calls itself. The step stages run outermost first.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class DenoiserCall:
         return self.bound.arguments.get(self.timestep_name)
 
     def run(self, **changes: Any) -> Any:
-        """The real forward pass, with ``changes`` to its arguments."""
+        """The forward pass (the next strategy's decision, or the real one), with ``changes`` to
+        its arguments."""
         if not changes:
             return self.forward(*self.args, **self.kwargs)
         bound = inspect.BoundArguments(self.sig, dict(self.bound.arguments))
@@ -119,6 +125,9 @@ class Strategy(ABC):
 
     def end(self, call: CallState) -> None:
         """The call's last step is done."""
+
+    def detach(self) -> None:
+        """``Handle.remove()``: undo whatever the strategy installed itself (hooks on blocks, say)."""
 
 
 class StrategyConfig(ABC):

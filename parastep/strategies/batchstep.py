@@ -75,10 +75,8 @@ class BatchStep(Strategy):
             return "precomputed", self.ahead.pop((s, index))
         n = min(self.parallelism, call.steps - s)
         if s < self.warmup or (s - self.warmup) % self.parallelism or n == 1:
-            call.model_calls += 1
             return "computed", d.run()
         outs = self._batched(call, d, n)
-        call.model_calls += 1
         for j in range(1, n):
             self.ahead[(s + j, index)] = outs[j]
         return "computed", outs[0]
