@@ -129,6 +129,30 @@ class Comm:
             self._skeletons[(False, src)] = pickle.loads(buf[_HEAD : _HEAD + n_blob].cpu().numpy().tobytes())
         return _unpack(buf, n_blob, self._skeletons[(False, src)])
 
+    def exchange(self, outgoing: dict[int, Any], sources: list[int], device: torch.device) -> dict[int, Any]:
+        """Sends ``outgoing[peer]`` to each peer and returns the message of each rank in
+        ``sources``, in an order that cannot deadlock on any backend: every rank takes its peers
+        in ascending order and, with each, the lower rank sends first. (On NCCL a pair's operations
+        run in order on one stream, so two ranks that both receive first would wait for ever.)
+
+        Example: every rank sends its stage's output to every other rank::
+
+            others = [r for r in range(comm.size) if r != comm.rank]
+            received = comm.exchange({r: output for r in others}, others, device)
+        """
+        received: dict[int, Any] = {}
+        for peer in sorted(set(outgoing) | set(sources)):
+            if peer == self.rank:
+                raise CommError(f"rank {peer} cannot exchange a message with itself")
+            if peer < self.rank and peer in sources:
+                received[peer] = self.recv(peer, device)
+            if peer in outgoing:
+                self.send(outgoing[peer], peer, device)
+                self.flush()
+            if peer > self.rank and peer in sources:
+                received[peer] = self.recv(peer, device)
+        return received
+
     def flush(self) -> None:
         """Waits for every send started by :meth:`send`."""
         pending, self._pending = self._pending, []

@@ -327,3 +327,27 @@ def test_a_stuck_peer_is_a_clear_error_naming_it_in_bounded_time():
     message, seconds = run_ranks(stuck_peer, 2, timeout=120, barrier=False)[0]
     assert message.startswith("rank 1 did not complete") and "within 3s" in message
     assert seconds < 10
+
+
+def all_to_all(rank: int) -> dict:
+    """Every rank sends every other rank its own tensor (and rank 0 a second, larger one)."""
+    comm = Comm(dist.group.WORLD, timeout_s=10)
+    cpu = torch.device("cpu")
+    others = [r for r in range(comm.size) if r != rank]
+    got = {}
+    for size in (4, 64):
+        outgoing = {r: {"from": rank, "x": torch.full((size,), float(rank))} for r in others}
+        got[size] = comm.exchange(outgoing, others, cpu)
+    only_to_zero = comm.exchange({0: torch.tensor([rank])} if rank else {}, others if rank == 0 else [], cpu)
+    return dict(got=got, to_zero=only_to_zero)
+
+
+def test_exchange_delivers_every_message_between_three_ranks():
+    results = run_ranks(all_to_all, 3)
+    for rank, result in enumerate(results):
+        for size, received in result["got"].items():
+            assert sorted(received) == [r for r in range(3) if r != rank]
+            for src, message in received.items():
+                assert message["from"] == src and torch.equal(message["x"], torch.full((size,), float(src)))
+    assert {src: int(t) for src, t in results[0]["to_zero"].items()} == {1: 1, 2: 2}
+    assert results[1]["to_zero"] == {} and results[2]["to_zero"] == {}
