@@ -89,12 +89,10 @@ class Comm:
         return _posted(dist.irecv(buf, self._global(src), self.group)), buf
 
     def expect(self, src: int, device: torch.device) -> None:
-        """Posts the receive of ``src``'s next message now, when tensors are on the CPU (gloo):
-        posted only once the message was due, ParaStep-2 windows on the 2-core image run were
-        slower and more often stalled (docs/BENCHMARKS.md). NCCL runs a pair's operations in
-        order on one stream, where a receive posted ahead of a send in the other direction
-        would deadlock: there :meth:`recv` posts it."""
-        if device.type == "cpu" and src not in self._posted:
+        """Posts the receive of ``src``'s next message now when the group's backend for
+        ``device`` allows it (:func:`receives_may_be_posted_early`); otherwise :meth:`recv`
+        posts it when the message is due."""
+        if src not in self._posted and receives_may_be_posted_early(self.group, device):
             self._posted[src] = self._irecv(src, self._agreed_size(False, src), device)
 
     def send(self, obj: Any, dst: int, device: torch.device) -> None:
@@ -158,6 +156,36 @@ class Comm:
         pending, self._pending = self._pending, []
         for work, peer in pending:
             self._wait(work, peer, f"receiving from rank {self.rank}")
+
+
+def backend_for(group: dist.ProcessGroup, device: torch.device) -> str:
+    """The name of the backend ``group`` uses for tensors on ``device`` ("gloo", "nccl", ...;
+    "" when the group names none for that device type). ``dist.get_backend`` gives one name
+    ("gloo") or one per device type ("cpu:gloo,cuda:nccl")."""
+    spec = str(dist.get_backend(group)).lower()
+    if ":" not in spec:
+        return spec.strip()
+    for part in spec.split(","):
+        device_type, _, name = part.partition(":")
+        if device_type.strip() == device.type:
+            return name.strip()
+    return ""
+
+
+def receives_may_be_posted_early(group: dist.ProcessGroup, device: torch.device) -> bool:
+    """The one place that decides the window's message order: may a receive be posted before
+    its message is due (at window open, by :meth:`Comm.expect`)? Only on gloo.
+
+    Gloo matches a pair's operations by (peer, tag) as they arrive, so a receive posted
+    early waits beside later sends; posting ParaStep-2's receives only when due made windows
+    on the 2-core image slower and more often stalled (docs/BENCHMARKS.md). NCCL runs a
+    pair's point-to-point operations in posting order on one stream (one stream per pair
+    without ``device_id``, one for the whole group with ``device_id``/eager init): a receive
+    posted ahead of a send in the other direction waits for ever, and so does the peer. NCCL
+    and any backend this function does not know therefore get receives posted when due, an
+    order tests/test_comm_order.py replays under those semantics for 2, 3 and 4 ranks.
+    """
+    return backend_for(group, device) == "gloo"
 
 
 def _posted(work: dist.Work | None) -> dist.Work:
