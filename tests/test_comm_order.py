@@ -169,3 +169,34 @@ def test_the_simulator_finds_a_size_mismatch_and_a_crossed_pair():
         2: [("post", 0, "send", 1, 8), ("post", 1, "send", 0, 8), ("wait", 1)],
     }
     assert simulate(three, True) is None and str(simulate(three, False)).startswith("deadlock")
+
+
+def test_a_skeleton_travels_as_tagged_json_never_pickled():
+    import numpy as np
+
+    from parastep.comm import _decode, _encode, _strip
+
+    state = {
+        "lower": 2,
+        "f": 2.0,
+        "flag": True,
+        "inf": float("inf"),
+        "nan": float("nan"),
+        3: ("dpm", None, [1, 2.5]),
+        "dtype": torch.float16,
+        "np": np.float32(0.5),
+        "sigmas": np.array([1.0, 0.5]),
+        "x": [torch.zeros(2, 3, dtype=torch.bfloat16)],
+    }
+    tensors: list[torch.Tensor] = []
+    blob = _encode(_strip(state, tensors), tensors)
+    assert b"pickle" not in blob and blob.startswith(b"{")
+    back = _decode(blob)
+    assert [type(back[k]) for k in ("lower", "f", "flag")] == [int, float, bool]
+    assert back["inf"] == float("inf") and back["nan"] != back["nan"] and back[3] == ("dpm", None, [1, 2.5])
+    assert back["dtype"] is torch.float16 and back["np"] == np.float32(0.5) and type(back["np"]) is np.float32
+    assert [s.where for s in (back["x"][0], back["sigmas"])] == ["cpu", "numpy"] and len(tensors) == 2
+    with pytest.raises(parastep.CommError, match=r"cannot hold .*object .*\['obj'\]"):
+        _encode({"obj": object()}, [])
+    with pytest.raises(parastep.CommError, match="is a tuple: use str or int"):
+        _encode({(1, 2): 0}, [])
