@@ -53,26 +53,22 @@ def _tests(timeout_s: float) -> Row:
     return ("tests on cuda, float16 (engine, pipelines)", "ok" if done.returncode == 0 else "FAIL", detail)
 
 
-def sd15_unet(device: torch.device, dtype: torch.dtype) -> Any:
-    """A random-weight UNet2DConditionModel with Stable Diffusion 1.5's architecture (860M parameters)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
-    return unet.to(device, dtype).eval()
+SD15_UNET: dict[str, Any] = dict(  # Stable Diffusion 1.5's UNet (860M parameters), random weights
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
 
 
-def _unet_pipeline(device: torch.device, dtype: torch.dtype) -> Any:
+def unet_pipeline(device: torch.device, dtype: torch.dtype, config: dict[str, Any] = SD15_UNET) -> Any:
+    """StableDiffusionPipeline's denoising loop (CFG, DDIM, latents only) around a random-weight
+    UNet2DConditionModel built from ``config`` directly on ``device``."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     class UNetLoop(DiffusionPipeline):  # the classic loop of StableDiffusionPipeline, latents only
@@ -82,7 +78,8 @@ def _unet_pipeline(device: torch.device, dtype: torch.dtype) -> Any:
 
         @torch.no_grad()
         def __call__(self, embeds: torch.Tensor, num_inference_steps: int, generator: Any, guidance: float = 7.5):
-            latents = torch.randn((1, 4, 64, 64), generator=generator).to(device, dtype)
+            size = self.unet.config.sample_size
+            latents = torch.randn((1, 4, size, size), generator=generator).to(device, dtype)
             self.scheduler.set_timesteps(num_inference_steps)
             for t in self.scheduler.timesteps:
                 noise = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=embeds).sample
@@ -90,16 +87,28 @@ def _unet_pipeline(device: torch.device, dtype: torch.dtype) -> Any:
                 latents = self.scheduler.step(uncond + guidance * (text - uncond), t, latents).prev_sample
             return latents
 
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(**config)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    return UNetLoop(sd15_unet(device, dtype), scheduler)
+    return UNetLoop(unet.to(device, dtype).eval(), scheduler)
 
 
-def _unet_costs(steps: int, reps: int) -> list[Row]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def unet_costs(
+    steps: int, reps: int, device: torch.device, dtype: torch.dtype, config: dict[str, Any] = SD15_UNET
+) -> list[Row]:
+    """Plain, ParaStep degree 1 and BatchStep 2 and 3 on :func:`unet_pipeline`, interleaved."""
     import parastep
 
-    device, dtype = torch.device("cuda"), torch.float16
-    pipe = _unet_pipeline(device, dtype)
-    embeds = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    pipe = unet_pipeline(device, dtype, config)
+    width = config["cross_attention_dim"]
+    embeds = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     configs: dict[str, Any] = {
         "plain": None,
         "parastep degree 1": parastep.ParaStepConfig(degree=1),
@@ -111,10 +120,10 @@ def _unet_costs(steps: int, reps: int) -> list[Row]:
 
     def once(name: str) -> float:
         handle = parastep.apply(pipe, configs[name]) if configs[name] else None
-        torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         pipe(embeds, steps, torch.Generator().manual_seed(0))
-        torch.cuda.synchronize()
+        _sync(device)
         took = time.perf_counter() - start
         if handle:
             stats[name] = handle.last_stats
@@ -127,8 +136,9 @@ def _unet_costs(steps: int, reps: int) -> list[Row]:
         for name in configs:
             seconds[name].append(once(name))
     best = {k: min(v) for k, v in seconds.items()}
+    size, what = config["sample_size"], "SD1.5-sized UNet" if config is SD15_UNET else "UNet"
     rows: list[Row] = [
-        ("SD1.5-sized UNet, fp16, CFG batch 2, 64x64 latents", "info", f"{steps} DDIM steps, best of {reps}")
+        (f"{what}, {_name(dtype)}, CFG batch 2, {size}x{size} latents", "info", f"{steps} DDIM steps, best of {reps}")
     ]
     plain = best["plain"]
     rows.append(("  plain pipeline", f"{plain:.3f}s", f"{plain / steps * 1e3:.2f} ms/step"))
@@ -142,18 +152,23 @@ def _unet_costs(steps: int, reps: int) -> list[Row]:
                 f"  {name}",
                 f"x{plain / best[name]:.2f}",
                 f"{best[name]:.3f}s, {s.model_calls} model calls of {steps}, "
-                f"CUDA-event step sum {timed:.3f}s, host_syncs {s.host_syncs}",
+                f"{'CUDA-event' if device.type == 'cuda' else 'host'} step sum {timed:.3f}s, "
+                f"host_syncs {s.host_syncs}",
             )
         )
     return rows
 
 
-def _comm_packing() -> list[Row]:
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def comm_packing(device: torch.device) -> list[Row]:
+    """A message of CUDA (``device``), CPU and numpy values through pack/unpack in one process."""
     import numpy as np
 
     from parastep import comm
 
-    device = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(0)
     message: tuple[list[torch.Tensor], dict[str, Any]] = (
         [torch.randn(1, 4, 64, 64, generator=g).to(device, torch.float16)],
@@ -170,20 +185,23 @@ def _comm_packing() -> list[Row]:
     tensors: list[torch.Tensor] = []
     skeleton = comm._strip(message, tensors)
     blob = comm._encode(skeleton, tensors)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    cuda = device.type == "cuda"
+    _sync(device)
+    if cuda:
+        torch.cuda.set_sync_debug_mode("error")
     try:
         start = time.perf_counter()
         buf, size = comm._pack(blob, tensors, device, 0)
         pack_s = time.perf_counter() - start
-        sync_free = "no host sync"
+        sync_free = "no host sync" if cuda else "(CPU: no sync check)"
     except RuntimeError as exc:
         buf, size, pack_s, sync_free = torch.empty(0), 0, 0.0, f"synced: {exc}"
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
     if not size:
         return [("comm packing of CUDA tensors", "FAIL", sync_free)]
-    host = buf[: min(size, comm._PREFETCH)].cpu().numpy()  # what Comm.recv copies to pinned memory
+    host = buf[:size].cpu().numpy()  # Comm.recv copies the header, skeleton and host part to pinned memory
     back_skeleton = comm._decode(host[comm._HEAD : comm._HEAD + len(blob)].tobytes())
     back = comm._unpack(buf, host, len(blob), back_skeleton, comm._layout(back_skeleton))
     (latents,), state = back
@@ -201,7 +219,7 @@ def _comm_packing() -> list[Row]:
     )
     return [
         (
-            "comm: pack/unpack round trip, CUDA",
+            f"comm: pack/unpack round trip, {device.type}",
             "ok" if ok else "FAIL",
             f"{size} bytes, packed in {pack_s * 1e6:.0f} us with {sync_free}; CUDA slots back on {device}, "
             "CPU tensors on cpu, numpy as numpy",
@@ -230,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name()
     print(f"gpu_check on {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; {TWO_RANKS}", flush=True)
     rows: list[Row] = [] if args.skip_tests else [_tests(args.tests_timeout)]
-    rows += _comm_packing()
-    rows += _unet_costs(args.steps, args.reps)
+    device = torch.device("cuda", torch.cuda.current_device())
+    rows += comm_packing(device)
+    rows += unet_costs(args.steps, args.reps, device, torch.float16)
     print(format_table(rows))
     failed = [r for r in rows if r[1] in ("FAIL", "TIMEOUT")]
     return 1 if failed else 0
