@@ -145,3 +145,43 @@ def test_without_a_process_group_of_two_it_is_refused():
         parastep.apply(toy_pipeline(), parastep.CFGParallelConfig())
     with pytest.raises(parastep.ConfigError, match="timeout_s"):
         parastep.CFGParallelConfig(timeout_s=0)
+
+
+def mesh_rank(rank: int, steps: int, warmup: int) -> dict:
+    """CFG-parallel x ParaStep-2 on a 2x2 mesh: rank = 2 * (guidance half) + (ParaStep rank)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    halves = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    windows = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    pipe = toy_pipeline()
+    configs = [parastep.CFGParallelConfig(), parastep.ParaStepConfig(warmup_steps=warmup)]
+    handle = parastep.apply(pipe, configs, group=[halves, windows])
+    out = run(pipe, steps=steps)
+    s = handle.last_stats
+    handle.remove()
+    return dict(out=out, calls=s.model_calls, rank=s.rank, world=s.world_size, method=s.method, sent=s.bytes_sent)
+
+
+@pytest.mark.slow  # four processes
+def test_cfg_parallel_composes_with_parastep_on_a_two_by_two_mesh():
+    import math
+
+    import diffusers
+
+    from tests.test_dist import parastep_replay
+
+    steps, warmup = 11, 2
+    results = run_ranks(mesh_rank, 4, steps, warmup)
+    expected = parastep_replay(diffusers.DDIMScheduler, steps, warmup, 2)
+    for rank, r in enumerate(results):
+        assert torch.equal(r["out"], results[0]["out"])
+        torch.testing.assert_close(r["out"], expected, rtol=1e-5, atol=1e-5)  # ParaStep-2, batch split in two
+        assert r["rank"] == rank and r["world"] == 4 and r["method"] == "cfg_parallel+parastep" and r["sent"] > 0
+        windows = math.ceil((steps - warmup) / 2) if rank % 2 == 0 else (steps - warmup) // 2
+        assert r["calls"] == warmup + windows  # forward passes, each on half the guidance batch
+
+
+def test_a_chain_takes_one_group_or_one_per_config():
+    with pytest.raises(parastep.ConfigError, match=r"one per config \(2\); got 3"):
+        parastep.apply(toy_pipeline(), [parastep.CFGParallelConfig(), parastep.ParaStepConfig()], group=[None] * 3)
