@@ -254,6 +254,7 @@ class AsyncDiff(Strategy):
         self.owner: dict[int, int] | None = None  # block -> stage, once the warm-up is done
         self.mine: frozenset[int] = frozenset()
         self.routes: dict[int, tuple[dict[int, list[Leaf]], list[int]]] = {}
+        self.split = None
         if call is not None and self.comm is not None:
             self.comm.begin_call()
 
@@ -277,7 +278,7 @@ class AsyncDiff(Strategy):
         if (k - self.warmup) % 2 == 0:  # the owners compute the next step, the shadow this one
             changes = {}
             if self.rank < self.stages and k + 1 < call.steps:
-                changes = {d.timestep_name: self._next_timestep(call, d)}
+                changes = self._next_timestep(call, d)
             return "computed", self._share(index, self._forward(d, index, self.mine, **changes), self.stages)
         comm = self.comm
         assert comm is not None
@@ -428,8 +429,13 @@ class AsyncDiff(Strategy):
         for (b, n), leaves in updates.items():
             self.cache[(index, b, n)] = _replace(self.cache[(index, b, n)], leaves)
 
-    def _next_timestep(self, call: CallState, d: DenoiserCall) -> Any:
+    def _next_timestep(self, call: CallState, d: DenoiserCall) -> dict[str, Any]:
         """The denoiser's timestep argument for the next step, mapped as the pipeline maps this one."""
+        if d.timestep_name is None:
+            raise UnsupportedPipelineError(
+                f"AsyncDiff with stride 2 on {self.pipe_name}: its denoiser takes no timestep argument "
+                f"(timestep, timesteps or t) to set to the next step's; use stride 1"
+            )
         timesteps = self.scheduler.timesteps
         now, then = timesteps[call.begin_index + call.step], timesteps[call.begin_index + call.step + 1]
         tau = d.timestep
@@ -442,7 +448,7 @@ class AsyncDiff(Strategy):
         ):
             if torch.equal(to_tau(now).to(tau_t.device).expand_as(tau_t).to(tau_t.dtype), tau_t):
                 nxt = to_tau(then).to(tau_t.device).expand_as(tau_t).to(tau_t.dtype)
-                return nxt if isinstance(tau, torch.Tensor) else type(tau)(nxt.item())
+                return {d.timestep_name: nxt if isinstance(tau, torch.Tensor) else type(tau)(nxt.item())}
         raise UnsupportedPipelineError(
             f"AsyncDiff with stride 2 cannot map the scheduler timestep {float(now):g} to the denoiser's "
             f"timestep argument of {self.pipe_name}; use stride 1"
