@@ -76,11 +76,16 @@ class Handle:
         self._start_device = 0
         self._originals = {m: scheduler.__dict__.get(m) for m in WRAPPED}
         self._forward_original = self.denoiser.__dict__.get("forward")
+        groups = list(group) if isinstance(group, (list, tuple)) else [group] * len(self.configs)
+        if len(groups) != len(self.configs):
+            raise ConfigError(
+                f"give apply() one process group, or one per config ({len(self.configs)}); got {len(groups)}"
+            )
         target = Target(pipe, spec, self.denoiser, scheduler)
         self.strategies: list[Strategy] = []
         try:
-            for config in self.configs:
-                self.strategies.append(config.build(target, group))
+            for config, config_group in zip(self.configs, groups):
+                self.strategies.append(config.build(target, config_group))
         except BaseException:
             for built in self.strategies:
                 built.detach()
@@ -196,11 +201,14 @@ class Handle:
         for (step, timestep, action, *_), end in zip(call.records, ends):  # converted once, after the loop
             records.append(StepRecord(step, float(timestep), action, end - last))
             last = end
-        comm, comms = self.comm, [s.comm for s in self.strategies if s.comm is not None]
+        comms = [s.comm for s in self.strategies if s.comm is not None]
+        rank = 0
+        for c in comms:  # strategies on a mesh of groups (outer axis first): the rank in the mesh
+            rank = rank * c.size + c.rank
         self._last_stats = RunStats(
             method="+".join(c.method for c in self.configs),
-            rank=comm.rank if comm else 0,
-            world_size=comm.size if comm else 1,
+            rank=rank,
+            world_size=math.prod(c.size for c in comms),
             degree=math.prod(s.parallelism for s in self.strategies),
             steps=call.steps,
             warmup_steps=max(c.warmup_steps for c in self.configs),
@@ -268,6 +276,13 @@ def apply(pipe: Any, config: StrategyConfig | Sequence[StrategyConfig], group: A
     With ParaStep and degree > 1 this is a collective over ``group`` (default: the default
     process group); every rank must then call the pipeline with the same arguments, and may
     pass ``output_type="latent"`` when only rank 0 needs the decoded result.
+
+    A chain of strategies that each need ranks of their own takes one group per config, the
+    axes of a mesh the caller built. CFG-parallel x ParaStep-2 on 4 ranks (rank = 2 * half + p)::
+
+        cfg = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+        steps = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+        parastep.apply(pipe, [parastep.CFGParallelConfig(), parastep.ParaStepConfig()], group=[cfg, steps])
     """
     if getattr(pipe, "_parastep_handle", None) is not None:
         raise ConfigError(

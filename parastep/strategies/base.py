@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 
 from ..errors import ConfigError
 from ..registry import PipelineSpec
@@ -139,6 +140,50 @@ class StrategyConfig(ABC):
     @abstractmethod
     def build(self, target: Target, group: Any) -> Strategy:
         """The strategy for ``target``; raises a :class:`~parastep.ParaStepError` if it cannot run."""
+
+
+def group_comm(group: Any, ranks: int, config: StrategyConfig, target: Target, timeout_s: float) -> Comm:
+    """A :class:`~parastep.comm.Comm` over ``group`` (default: the default process group), which
+    must hold exactly ``ranks`` ranks, once every rank has shown that it attached the same config
+    to the same model (each rank sends its own to every other, so all of them raise or none)."""
+    from ..comm import Comm
+
+    name = type(config).__name__
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            f"{name} needs a torch.distributed process group of {ranks} ranks: call "
+            f"torch.distributed.init_process_group on every rank first (parastep never starts one)"
+        )
+    group = dist.group.WORLD if group is None else group
+    if dist.get_rank(group) < 0:
+        raise ConfigError(
+            "this process is not a member of the process group passed to apply(); "
+            "pass a group that contains every rank that calls the pipeline"
+        )
+    size = dist.get_world_size(group)
+    if size != ranks:
+        raise ConfigError(
+            f"{name} runs on exactly {ranks} ranks, but the process group has {size}: start {ranks} ranks, "
+            f"or pass a group of {ranks} (torch.distributed.new_group) as group="
+        )
+    comm = Comm(group, timeout_s)
+    device = next(target.denoiser.parameters(), torch.empty(0)).device
+    signature = (
+        config,
+        target.name,
+        type(target.denoiser).__name__,
+        sum(p.numel() for p in target.denoiser.parameters()),
+    )
+    others = [r for r in range(size) if r != comm.rank]
+    got = comm.exchange({r: signature for r in others}, others, device)
+    if any(s != signature for s in got.values()):
+        per_rank = {comm.rank: signature, **got}
+        raise ConfigError(
+            "ranks of the group attached different configurations or pipelines "
+            f"(per rank: {[per_rank[r] for r in range(size)]}); call parastep.apply with the same config "
+            f"and model on every rank"
+        )
+    return comm
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
