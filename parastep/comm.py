@@ -82,6 +82,7 @@ class Comm:
         self.bytes_received = 0
         self.host_syncs = 0  # times this call's host waited for the device (see _to_host)
         self._pending: list[tuple[dist.Work, int, bool]] = []  # (work, peer, stream-ordered)
+        self._completed: dist.Work | None = None  # the receive last waited for (never wait on one twice)
         self._posted: dict[int, tuple[dist.Work, torch.Tensor]] = {}  # src -> receive posted early
         self._agreed: dict[tuple[bool, int], int] = {}  # (sending, peer) -> buffer bytes
         self._skeletons: dict[tuple[bool, int], Any] = {}  # (sending, peer) -> last message's skeleton
@@ -123,7 +124,9 @@ class Comm:
         event, polled with short sleeps so that the timeout counts from now."""
         what = f"sending to rank {self.rank}"
         if buf.device.type == "cpu":
-            self._wait(work, peer, what)
+            if work is not self._completed:  # gloo: a second wait() on a receive waits for the next one
+                self._wait(work, peer, what)
+                self._completed = work
             return buf[start:end].numpy()
         if self._stream_ordered(buf.device):
             work.wait()  # the current stream waits for the receive; the host does not
@@ -378,11 +381,12 @@ def _encode(skeleton: Any, tensors: list[torch.Tensor]) -> bytes:
             return {"$tuple": [enc(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
         if kind is dict:
             for k in obj:
-                if type(k) not in (str, int):
+                if not _plain_key(k):
                     raise CommError(
-                        f"message key {k!r} at {path or 'top level'} is a {type(k).__name__}: use str or int"
+                        f"message key {k!r} at {path or 'top level'} is a {type(k).__name__}: use str, int "
+                        "or a tuple of them"
                     )
-            return {"$dict": [[k, enc(v, f"{path}[{k!r}]")] for k, v in obj.items()]}
+            return {"$dict": [[enc(k, path), enc(v, f"{path}[{k!r}]")] for k, v in obj.items()]}
         if kind is _Slot:
             return {"$slot": [obj.index, list(obj.shape), _dtype_name(obj.dtype), obj.where]}
         if isinstance(obj, torch.dtype):
@@ -407,6 +411,11 @@ def _encode(skeleton: Any, tensors: list[torch.Tensor]) -> bytes:
     return json.dumps(enc(skeleton, ""), allow_nan=False, separators=(",", ":")).encode()
 
 
+def _plain_key(key: Any) -> bool:
+    """A dict key a message can hold: str, int, or a tuple of them."""
+    return type(key) in (str, int) or (type(key) is tuple and all(map(_plain_key, key)))
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -423,7 +432,7 @@ def _decode(blob: bytes) -> Any:
         if tag == "$tuple":
             return tuple(dec(v) for v in value)
         if tag == "$dict":
-            return {k: dec(v) for k, v in value}
+            return {dec(k): dec(v) for k, v in value}
         if tag == "$float":
             return float(value)
         if tag == "$dtype":

@@ -56,7 +56,7 @@ class ToyPipeline(DiffusionPipeline):
         size: int = 8,
         output_type: str = "pt",
     ):
-        weight = self.unet.conv.weight  # the denoiser's device and dtype: inputs follow it
+        weight = next(self.unet.parameters())  # the denoiser's device and dtype: inputs follow it
         prompt_embeds = prompt_embeds.to(weight.device, weight.dtype)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(weight.device, weight.dtype)

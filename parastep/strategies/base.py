@@ -21,6 +21,7 @@ model calls itself. The step stages run outermost first.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -167,23 +168,30 @@ def group_comm(group: Any, ranks: int, config: StrategyConfig, target: Target, t
             f"or pass a group of {ranks} (torch.distributed.new_group) as group="
         )
     comm = Comm(group, timeout_s)
+    agree(comm, config, target)
+    return comm
+
+
+def agree(comm: Comm, config: StrategyConfig, target: Target) -> None:
+    """Every rank of ``comm`` shows every other the config and model it attached (as plain
+    values: nothing is pickled), so that all of them raise, or none, when one differs."""
+    signature = {
+        "config": type(config).__name__,
+        "fields": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},  # type: ignore[arg-type]
+        "pipeline": target.name,
+        "denoiser": type(target.denoiser).__name__,
+        "parameters": sum(p.numel() for p in target.denoiser.parameters()),
+    }
     device = next(target.denoiser.parameters(), torch.empty(0)).device
-    signature = (
-        config,
-        target.name,
-        type(target.denoiser).__name__,
-        sum(p.numel() for p in target.denoiser.parameters()),
-    )
-    others = [r for r in range(size) if r != comm.rank]
+    others = [r for r in range(comm.size) if r != comm.rank]
     got = comm.exchange({r: signature for r in others}, others, device)
     if any(s != signature for s in got.values()):
         per_rank = {comm.rank: signature, **got}
         raise ConfigError(
             "ranks of the group attached different configurations or pipelines "
-            f"(per rank: {[per_rank[r] for r in range(size)]}); call parastep.apply with the same config "
+            f"(per rank: {[per_rank[r] for r in range(comm.size)]}); call parastep.apply with the same config "
             f"and model on every rank"
         )
-    return comm
 
 
 def check_int(name: str, value: object, minimum: int) -> None:

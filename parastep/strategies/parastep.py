@@ -24,6 +24,7 @@ from .base import (
     Strategy,
     StrategyConfig,
     Target,
+    agree,
     check_int,
     main_output,
     step_feeds_back,
@@ -230,17 +231,6 @@ def _resolve_group(config: ParaStepConfig, group: Any, target: Target) -> tuple[
         raise ConfigError(
             "ParaStep with degree > 1 needs warmup_steps >= 1: ranks reuse the prediction cached during warm-up"
         )
-    signature = (
-        config,
-        target.name,
-        type(target.denoiser).__name__,
-        sum(p.numel() for p in target.denoiser.parameters()),
-    )
-    gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, signature, group=group)
-    if any(g != gathered[0] for g in gathered):
-        raise ConfigError(
-            "ranks of the group attached different configurations or pipelines "
-            f"(per rank: {gathered}); call parastep.apply with the same config and model on every rank"
-        )
-    return degree, Comm(group, config.timeout_s)
+    comm = Comm(group, config.timeout_s)
+    agree(comm, config, target)
+    return degree, comm
