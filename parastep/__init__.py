@@ -14,6 +14,7 @@ from .errors import CommError, ConfigError, ParaStepError, UnsupportedPipelineEr
 from .registry import FAMILIES, PipelineSpec, spec_for
 from .stats import RunStats, StepRecord
 from .strategies import BatchStepConfig, ParaStepConfig, Strategy, StrategyConfig, ideal_speedup
+from .strategies.sparsetem import SparseTemConfig, SparseTemStats
 
 __all__ = [
     "FAMILIES",
@@ -25,6 +26,8 @@ __all__ = [
     "ParaStepError",
     "PipelineSpec",
     "RunStats",
+    "SparseTemConfig",
+    "SparseTemStats",
     "StepRecord",
     "Strategy",
     "StrategyConfig",
