@@ -99,7 +99,7 @@ class SparseTemConfig(StrategyConfig):
     adaptive: bool = True
     audit_every: int = 1
     tile: int = 4
-    dense_above: float = 0.5
+    dense_above: float = 0.3
     retry_every: int = 4
     min_macs: int = 100_000
     verify: bool = False
@@ -530,10 +530,9 @@ class _Geometry:
         wo = (w + left + right - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
         return ho, wo
 
-    def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """(N, Hp, Wp, C): the input, channels last, padded so that every output tile has its whole
-        window; the window's size and the step between windows."""
-        h, w = x.shape[-2:]
+    def plan(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
+        """For an h x w input: an output tile's input window (size), the step between windows, and
+        the padding (left, right, top, bottom; negative crops) that gives every tile its window."""
         ho, wo = self.out_size(h, w)
         (th, tw), (sh, sw) = self.tile, self.stride
         wh = (th - 1) * sh + self.dilation[0] * (self.kernel[0] - 1) + 1
@@ -541,8 +540,12 @@ class _Geometry:
         hp = (math.ceil(ho / th) - 1) * th * sh + wh
         wp = (math.ceil(wo / tw) - 1) * tw * sw + ww
         left, top = self.pad_by[0], self.pad_by[2]
-        padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, left, wp - w - left, top, hp - h - top))
-        return padded.contiguous(), (wh, ww), (th * sh, tw * sw)
+        return (wh, ww), (th * sh, tw * sw), (left, wp - w - left, top, hp - h - top)
+
+    @staticmethod
+    def pad_channels_last(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+        """(N, C, H, W) -> (N, Hp, Wp, C), padded with zeros."""
+        return F.pad(x.permute(0, 2, 3, 1), (0, 0, *pads)).contiguous()
 
     @staticmethod
     def windows(padded: torch.Tensor, size: tuple[int, int], step: tuple[int, int]) -> torch.Tensor:
@@ -552,16 +555,16 @@ class _Geometry:
     def tile_count(self, ho: int, wo: int) -> int:
         return math.ceil(ho / self.tile[0]) * math.ceil(wo / self.tile[1])
 
-    def tiles_to_image(self, tiles: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
-        """(B, L, nty, ntx, th, tw, O) -> (B, L, O, Ho, Wo)."""
-        b, n, nty, ntx, th, tw, o = tiles.shape
-        image = tiles.transpose(3, 4).reshape(b, n, nty * th, ntx * tw, o)
-        return image[:, :, :ho, :wo].permute(0, 1, 4, 2, 3)
+    @staticmethod
+    def tiles_to_image(tiles: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+        """(B, L, nty, ntx, O, th, tw) -> (B, L, O, Ho, Wo), a view."""
+        b, n, nty, ntx, o, th, tw = tiles.shape
+        image = tiles.permute(0, 1, 4, 2, 5, 3, 6)
+        return image.reshape(b, n, o, nty * th, ntx * tw)[..., :ho, :wo]
 
     def delta(self, windows: torch.Tensor) -> torch.Tensor:
-        """(K, wh, ww, C) input windows -> (K, th, tw, O): the layer without its bias."""
-        out = F.conv2d(windows.permute(0, 3, 1, 2), self.weight, None, self.stride, 0, self.dilation, self.groups)
-        return out.permute(0, 2, 3, 1)
+        """(K, wh, ww, C) input windows -> (K, O, th, tw): the layer without its bias."""
+        return F.conv2d(windows.permute(0, 3, 1, 2), self.weight, None, self.stride, 0, self.dilation, self.groups)
 
 
 class _Diff(_Layer):
@@ -640,12 +643,11 @@ class _Diff(_Layer):
             bases, scale = [carried.out], carried.scale
         lead = 1 if carried is not None else 0
         total = frames.shape[1]
-        padded, (wh, ww), step = g.pad(frames.flatten(0, 1))
-        padded = padded.unflatten(0, (clips, total))  # (B, total, Hp, Wp, C)
-        windows = g.windows(padded, (wh, ww), step)  # (B, total, nty, ntx, wh, ww, C)
+        size, step, pads = g.plan(*image.shape[-2:])
         # per frame and tile: the largest change of its input window since the previous frame
-        moved = (padded[:, 1:] - padded[:, :-1]).abs().amax(-1).flatten(0, 1)[:, None]
-        peaks = F.max_pool2d(moved, (wh, ww), step).view(clips, total - 1, *windows.shape[2:4])
+        moved = F.pad((frames[:, 1:] - frames[:, :-1]).abs_().amax(dim=2).flatten(0, 1), pads)[:, None]
+        pooled = F.max_pool2d(moved, size, step)
+        peaks = pooled.view(clips, total - 1, *pooled.shape[-2:])  # (B, total - 1, nty, ntx)
         tau = float(self.tau * scale)
         n_tiles = peaks[:, 0].numel()
         drift = torch.zeros_like(peaks[:, 0])  # per tile: a bound on its input's change since computed
@@ -671,27 +673,32 @@ class _Diff(_Layer):
                 drift.masked_fill_(active, 0.0)
                 since.masked_fill_(active, f)
             if n_active < n_tiles:
-                risk[f] = float(drift.max())
+                risk[f] = float(drift.square().sum())
         tally.dense_frames += (len(base_frames) - 1) * clips
         if len(base_frames) > 1:
             later = [f - lead for f in base_frames[1:]]
             bases += list(dense(native[:, later].flatten(0, 1)).unflatten(0, (clips, len(later))).unbind(1))
-        which = torch.zeros(total, dtype=torch.long)  # the base each frame builds on
+        which = torch.zeros(total, dtype=torch.long, device=x.device)  # the base each frame builds on
         for i, f in enumerate(base_frames[1:], start=1):
             which[f:] = i
         if not picks:
             y = torch.stack(bases, 1).index_select(1, which)  # (B, total, O, Ho, Wo)
         else:
             at, b, ty, tx, ref = (torch.cat(column) for column in zip(*picks))
-            both = windows[torch.cat([b, b]), torch.cat([at, ref]), torch.cat([ty, ty]), torch.cat([tx, tx])]
+            used = torch.unique(torch.cat([at, ref]))  # only the frames a changed tile reads
+            slot = torch.empty(total, dtype=torch.long, device=x.device)
+            slot[used] = torch.arange(len(used), device=x.device)
+            padded = g.pad_channels_last(frames[:, used].flatten(0, 1), pads).unflatten(0, (clips, len(used)))
+            windows = g.windows(padded, size, step)  # (B, used, nty, ntx, wh, ww, C)
+            both = windows[torch.cat([b, b]), slot[torch.cat([at, ref])], torch.cat([ty, ty]), torch.cat([tx, tx])]
             deltas = g.delta(both[: len(b)] - both[len(b) :])  # one batched call for every frame
-            tiles = image.new_zeros(clips, total, *windows.shape[2:4], *deltas.shape[1:])
+            tiles = image.new_zeros(clips, total, *peaks.shape[2:], *deltas.shape[1:])
             tiles[b, at, ty, tx] = deltas
             summed = g.tiles_to_image(tiles.cumsum_(1), ho, wo)
             if len(bases) == 1:
                 y = (bases[0][:, None] + summed).contiguous()
             else:
-                since_base = summed - summed.index_select(1, torch.tensor(base_frames)[which])
+                since_base = summed - summed.index_select(1, torch.tensor(base_frames, device=x.device)[which])
                 y = torch.stack(bases, 1).index_select(1, which) + since_base
         if len(base_frames) == total and total > 1:  # nothing reusable: skip the bookkeeping a while
             self._rest = cfg.retry_every - 1
@@ -724,7 +731,9 @@ class _Diff(_Layer):
                 self.tau = max(self.tau / 2, _MIN_THRESHOLD)
                 tally.fallbacks += 1
                 y = exact if exact is not None else dense(native.flatten(0, 1)).unflatten(0, native.shape[:2])
-            elif cfg.adaptive and error < cfg.error_target / 2:
+            elif cfg.adaptive and error > cfg.error_target / 2:  # aim below: other frames may err more
+                self.tau = max(self.tau * 0.8, _MIN_THRESHOLD)
+            elif cfg.adaptive and error < cfg.error_target / 4:
                 self.tau = min(self.tau * 1.25, _MAX_THRESHOLD)
         if exact is not None:
             worst = max(_relative_error(y[:, k], exact[:, k]) for k in range(y.shape[1]))
