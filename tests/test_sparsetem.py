@@ -133,6 +133,20 @@ def test_vae_decoding_of_identical_frames_carries_over_between_chunks():
     assert (torch.cat([first, second]) - dense).abs().max() < 1e-5
 
 
+def test_a_vae_decoding_one_frame_per_call_still_diffs_against_the_previous_frame():
+    pipe, _ = build("animatediff")
+    pipe.vae.enable_slicing()  # decode() then calls the decoder once per frame
+    handle = parastep.apply(pipe, parastep.SparseTemConfig(parts="vae", **EXACT))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = pipe.vae.decode(z.repeat(3, 1, 1, 1)).sample
+    stats = parastep.SparseTemStats.of(handle)
+    handle.remove()
+    layers = diff_layers(stats)
+    assert all(layer.calls == 3 and layer.first_frames == 1 and layer.skipped_fraction == 1.0 for layer in layers)
+    assert torch.equal(out[1:], out[:1].expand(2, -1, -1, -1))
+
+
 @pytest.mark.parametrize("family", ["animatediff", "latte"])
 def test_vae_part_of_the_tiny_video_families_matches_dense_at_zero_threshold(family):
     pipe, kwargs = build(family)

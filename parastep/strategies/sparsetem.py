@@ -1,33 +1,37 @@
 """SparseTem: per-frame convolutional work computed only where a frame differs from the previous one.
 
-Consecutive video frames differ little, so (after SparseTem, "Diff Computation") every linear
-layer of a per-frame network computes a frame's output as the previous frame's output plus the
-layer applied to the change of its input: ``y_f = y_{f-1} + W * (x_f - x_{f-1})``, the bias once.
+Consecutive video frames differ little, so (after SparseTem's "Diff Computation") every linear
+layer of a per-frame network computes a frame's output as the previous frame's output plus the layer
+applied to the change of its input: ``y_f = y_{f-1} + W * (x_f - x_{f-1})``, the bias once.
 
 Per layer (``nn.Conv2d``, ``nn.Linear``; each gets a per-instance hook), the output is cut into
-tiles; a tile's input window is the tile plus its halo (the receptive-field margin). The first
-frame of a clip is computed densely; for each following frame, a tile whose input window changed by
-more than the layer's threshold (relative to the RMS of the first frame's input) since the input its
-output was last computed from is recomputed from the change -- the changed windows are gathered
-into one batch, convolved once, and scattered back -- and every other tile keeps its previous
-output. What a skipped tile leaves out is carried to the next frame (the reference is only updated
-where a tile was computed), so errors do not add up over frames.
+tiles; a tile's input window is the tile plus its halo (the receptive-field margin). The first frame
+of a clip is computed densely. For the following frames, the largest change of each window from one
+frame to the next is found in one pass over the clip, and summed per tile since the frame the tile
+was last computed at: a bound on how far its input has moved since. Where the bound exceeds the
+layer's threshold (relative to the RMS of the clip's first input frame), the tile is computed from
+the change of its window since then -- the changed windows of every frame are gathered into one
+batch, convolved once without bias, scattered, and summed over frames -- and every other tile keeps
+its previous output. A skipped change is not lost: it is part of the tile's next change, so the
+error of a tile stays within its threshold instead of adding up over frames. A frame with more than
+``dense_above`` of its tiles changed is computed densely.
 
-Non-linear layers: the elementwise ones (SiLU, additions, FiLM) run in the model's own code on
-whole maps, which on a CPU costs less than gathering their changed tiles; normalisations over the
-whole frame (GroupNorm) and attention are not local, so they are recomputed densely on every frame
-(their exact output feeds the next linear layer, whose threshold decides what of the change is
-worth computing) and listed as such in the stats.
+Non-linear layers: the elementwise ones (SiLU, additions, FiLM) run in the model's own code on whole
+maps, which on a CPU costs less than gathering their changed tiles. Normalisation over the whole frame
+(GroupNorm) and attention are not local, so they are recomputed densely on every frame -- their
+exact output feeds the next linear layer, whose threshold decides what of the change is worth
+computing -- and the stats list them as such.
 
-Schedule: the frames of a clip pass through the network together, layer by layer, so a layer keeps
-one frame's reference windows per clip while it runs and nothing after it returns -- no cache of
-every intermediate map. Only a VAE decoding a clip in several chunks keeps, per layer, the last
-frame of the previous chunk until the next pipeline call.
+Schedule: the frames of a clip pass through the network together, layer by layer, so a layer holds
+the clip's change map and the gathered windows while it runs and nothing after it returns -- no cache
+of every intermediate map. A VAE decoding a clip in several chunks is a stream: there each layer keeps
+the previous chunk's last frame (its input and output), and computes every change of a chunk's last
+frame so that nothing skipped is left behind.
 
-Error control: every ``audit_every``-th call of a layer also computes the frame whose largest
-skipped change is the largest densely and measures the relative L2 error of that frame's output;
-above ``error_target`` the layer's call is recomputed densely and its threshold halved, below half
-of it the threshold grows by 1.25x. ``verify=True`` measures every frame (for tests and
+Error control: every ``audit_every``-th call of a layer also computes densely the frame with the most
+skipped change and measures the relative L2 error of its output. Above ``error_target`` the call is
+recomputed densely and the threshold halved; above half of it the threshold shrinks by 0.8, below a
+quarter it grows by 1.25. ``verify=True`` measures every frame of every call (for tests and
 measurements).
 """
 
@@ -78,18 +82,23 @@ class SparseTemConfig(StrategyConfig):
 
     ``parts``: what to accelerate -- ``"denoiser"`` (a per-frame denoiser such as the built-in
     video model's), ``"vae"`` (a 2-D VAE decoding a video frame by frame: AnimateDiff, Latte),
-    ``"both"``, or ``"auto"`` (whatever of these the pipeline has). ``threshold``: the initial
-    relative threshold -- a tile is computed when its input window changed by more than
-    ``threshold`` times the RMS of the layer's input on the clip's first frame. ``error_target``:
-    the relative L2 error of a layer's output on an audited frame (against the same layer computed
-    densely on the same input) that the thresholds adapt to stay under (``adaptive``). A layer is
-    audited on every ``audit_every``-th call (0: never). ``tile``: output tile side in pixels.
-    A frame whose changed tiles exceed ``dense_above`` of its tiles is computed densely; a layer that
-    computed every later frame of a call densely runs densely for its next ``retry_every - 1`` calls
-    (without the bookkeeping), then tries again. Layers doing
-    fewer than ``min_macs`` multiply-adds per frame run densely (cheaper than their bookkeeping).
-    ``verify``: also compute every layer densely and record the true error (slow; for tests).
-    ``warmup_steps``: denoising steps computed densely before diff computation starts.
+    ``"both"``, or ``"auto"`` (whatever of these the pipeline has).
+
+    ``threshold``: the initial relative threshold -- a tile is computed when its input window may
+    have changed by more than ``threshold`` times the RMS of the layer's input on the clip's first
+    frame since the tile was last computed. ``error_target``: the relative L2 error of a layer's
+    output (against the same layer computed densely on the same input) that the thresholds adapt to
+    (``adaptive``): on every ``audit_every``-th call of a layer the frame with the most skipped change
+    is computed densely too; above the target the call is recomputed densely. Other frames are not
+    measured (``verify=True`` measures them; on the built-in video model they stayed within twice the
+    target).
+
+    ``tile``: output tile side in pixels. A frame with more than ``dense_above`` of its tiles changed
+    is computed densely; a layer that computed every later frame of a call densely runs densely for
+    its next ``retry_every - 1`` calls, then tries again (and rests twice as long each time it again
+    finds nothing, up to 16x). Layers doing fewer than ``min_macs``
+    multiply-adds per frame run densely (cheaper than their bookkeeping). ``warmup_steps``: denoising
+    steps computed densely before diff computation starts.
     """
 
     method: ClassVar[str] = "sparsetem"
@@ -364,8 +373,7 @@ class SparseTem(Strategy):
                     vars(module).pop("forward", None)
                 else:
                     module.forward = forward
-        self._installed.clear()
-        self.layers.clear()
+        self._installed.clear()  # the layers stay: their stats describe the last call
 
     @property
     def stats(self) -> SparseTemStats:
@@ -579,11 +587,13 @@ class _Diff(_Layer):
         self.mode = "diff"
         self._calls = 0  # diff calls since the pipeline call began (audits count them)
         self._rest = 0  # calls left to run densely after one found nothing to reuse
+        self._pause = config.retry_every  # how long the next such rest lasts (doubles, up to 16x)
 
     def reset(self) -> None:
         super().reset()
         self.tau = self.config.threshold
         self._calls = self._rest = 0
+        self._pause = self.config.retry_every
 
     def drop_stream(self) -> None:
         self.stream = None
@@ -618,30 +628,14 @@ class _Diff(_Layer):
         if frame_macs < cfg.min_macs:
             self.mode = "dense: fewer multiply-adds per frame than min_macs"
             return original(x)
-        if length == 1 and carried is None:
-            tally.first_frames += x.shape[0]
-            return original(x)
-        if self._rest:
-            self._rest -= 1
-            self.stream = None
-            tally.first_frames += clips
-            tally.dense_frames += clips * (length - 1)
-            tally.tiles += clips * (length - 1) * g.tile_count(ho, wo)
-            return original(x)
-
-        def dense(frames: torch.Tensor) -> torch.Tensor:  # native frames -> image-layout output
-            return g.to_image(original(frames))
-
-        native = x.unflatten(0, (clips, length))
         frames = image.unflatten(0, (clips, length))
-        if carried is None:  # the clip's first frame opens it, densely
-            tally.first_frames += clips
-            bases = [dense(native[:, 0])]
-            scale = frames[:, 0].float().pow(2).mean().sqrt()
-        else:  # the previous call's last frame opens it; its output is known
-            frames = torch.cat([carried.frame[:, None], frames], 1)
-            bases, scale = [carried.out], carried.scale
+        if (length == 1 and carried is None) or self._rest:
+            self._rest = max(self._rest - 1, 0)
+            return self._dense_call(original, x, frames, carried, ho, wo)
+        scale = carried.scale if carried is not None else _rms(frames[:, 0])
         lead = 1 if carried is not None else 0
+        if carried is not None:  # the previous call's last frame opens the clip; its output is known
+            frames = torch.cat([carried.frame[:, None], frames], 1)
         total = frames.shape[1]
         size, step, pads = g.plan(*image.shape[-2:])
         # per frame and tile: the largest change of its input window since the previous frame
@@ -649,6 +643,21 @@ class _Diff(_Layer):
         pooled = F.max_pool2d(moved, size, step)
         peaks = pooled.view(clips, total - 1, *pooled.shape[-2:])  # (B, total - 1, nty, ntx)
         tau = float(self.tau * scale)
+        hot = (peaks > tau).transpose(0, 1).flatten(1).float().mean(1) > cfg.dense_above
+        if bool(hot.all()):  # every frame would be computed densely: in one call, and rest a while
+            self._rest = self._pause - 1
+            self._pause = min(2 * self._pause, 16 * cfg.retry_every)
+            return self._dense_call(original, x, frames[:, lead:], carried, ho, wo)
+
+        def dense(frames: torch.Tensor) -> torch.Tensor:  # native frames -> image-layout output
+            return g.to_image(original(frames))
+
+        native = x.unflatten(0, (clips, length))
+        if carried is None:  # the clip's first frame opens it, densely
+            tally.first_frames += clips
+            bases = [dense(native[:, 0])]
+        else:
+            bases = [carried.out]
         n_tiles = peaks[:, 0].numel()
         drift = torch.zeros_like(peaks[:, 0])  # per tile: a bound on its input's change since computed
         since = torch.zeros(peaks[:, 0].shape, dtype=torch.long, device=x.device)  # ... computed at frame
@@ -701,11 +710,31 @@ class _Diff(_Layer):
                 since_base = summed - summed.index_select(1, torch.tensor(base_frames, device=x.device)[which])
                 y = torch.stack(bases, 1).index_select(1, which) + since_base
         if len(base_frames) == total and total > 1:  # nothing reusable: skip the bookkeeping a while
-            self._rest = cfg.retry_every - 1
+            self._rest = self._pause - 1
+            self._pause = min(2 * self._pause, 16 * cfg.retry_every)
+        else:
+            self._pause = cfg.retry_every
         y = self._audit(y[:, lead:], native, dense, risk[lead:])
         if self.part.stream:
             self.stream = _Stream(frames[:, -1].clone(), y[:, -1].clone(), scale, tuple(image.shape[1:]))
         return g.from_image(y.flatten(0, 1), tuple(x.shape))
+
+    def _dense_call(
+        self, original: Callable, x: torch.Tensor, frames: torch.Tensor, carried: _Stream | None, ho: int, wo: int
+    ) -> torch.Tensor:
+        """The layer on every frame at once; a stream still keeps its last frame."""
+        g, tally = self.geometry, self.tally
+        clips, length = frames.shape[:2]
+        first = 0 if carried is not None else clips
+        tally.first_frames += first
+        tally.dense_frames += clips * length - first
+        tally.tiles += (clips * length - first) * g.tile_count(ho, wo)
+        out = original(x)
+        if self.part.stream:
+            scale = carried.scale if carried is not None else _rms(frames[:, 0])
+            last = g.to_image(out).unflatten(0, (clips, length))[:, -1]
+            self.stream = _Stream(frames[:, -1].clone(), last.clone(), scale, tuple(frames.shape[2:]))
+        return out
 
     def _audit(
         self,
@@ -739,6 +768,10 @@ class _Diff(_Layer):
             worst = max(_relative_error(y[:, k], exact[:, k]) for k in range(y.shape[1]))
             tally.verified_error = max(worst, tally.verified_error or 0.0)
         return y
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.float().pow(2).mean().sqrt()
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
