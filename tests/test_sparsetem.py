@@ -8,7 +8,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 import demo_models
 import parastep
-from parastep.strategies.sparsetem import SparseTem
+from parastep.strategies.sparsetem import SparseTem, supported_parts
 from tests.distributed import run_ranks
 from tests.tiny_pipelines import build
 
@@ -217,22 +217,28 @@ def test_stats_travel_as_json_and_need_a_sparsetem_handle(video):
 
 
 @pytest.mark.parametrize(
-    "family, parts, words",
+    "family, parts, words, supported",
     [
-        ("builtin-image", "auto", "ShapesImagePipeline makes image"),
-        ("sd", "auto", "StableDiffusionPipeline makes image"),
-        ("builtin-video", "vae", "vae of ShapesVideoPipeline: vae: it has no VAE.*Use parts='denoiser'"),
-        ("animatediff", "denoiser", "denoiser of AnimateDiffPipeline: .*UNetMotionModel.*Use parts='vae'"),
-        ("animatediff", "both", "denoiser of AnimateDiffPipeline"),
-        ("svd", "auto", "StableVideoDiffusionPipeline.*AutoencoderKLTemporalDecoder does not decode frame by frame"),
-        ("cogvideox", "auto", "CogVideoXPipeline.*CogVideoXTransformer3DModel is not a known per-frame network"),
+        ("builtin-image", "auto", "ShapesImagePipeline makes image", ()),
+        ("sd", "auto", "StableDiffusionPipeline makes image", ()),
+        ("builtin-video", "vae", "vae of ShapesVideoPipeline: vae: it has no VAE.*Use parts='denoiser'", ("denoiser",)),
+        ("animatediff", "denoiser", "denoiser of AnimateDiffPipeline: .*UNetMotionModel.*Use parts='vae'", ("vae",)),
+        ("animatediff", "both", "denoiser of AnimateDiffPipeline", ("vae",)),
+        (
+            "svd",
+            "auto",
+            "StableVideoDiffusionPipeline.*AutoencoderKLTemporalDecoder does not decode frame by frame",
+            (),
+        ),
+        ("cogvideox", "auto", "CogVideoXPipeline.*CogVideoXTransformer3DModel is not a known per-frame network", ()),
     ],
 )
-def test_what_cannot_be_diffed_is_refused_naming_the_pipeline(family, parts, words):
+def test_what_cannot_be_diffed_is_refused_naming_the_pipeline(family, parts, words, supported):
     if family.startswith("builtin-"):
         pipe = demo_models.load_pipeline(family.removeprefix("builtin-"))
     else:
         pipe, _ = build(family)
+    assert supported_parts(pipe) == supported
     with pytest.raises(parastep.UnsupportedPipelineError, match=words):
         parastep.apply(pipe, parastep.SparseTemConfig(parts=parts))
     assert not hasattr(pipe, "_parastep_handle")

@@ -52,6 +52,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..errors import ConfigError, ParaStepError, UnsupportedPipelineError
+from ..registry import spec_for
 from .base import Action, CallState, DenoiserCall, Strategy, StrategyConfig, Target, check_int
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,22 @@ class SparseTemStats:
 
 
 # -- which parts of a pipeline qualify -----------------------------------------------------------
+def supported_parts(pipe: Any) -> tuple[str, ...]:
+    """The parts of ``pipe`` SparseTem can accelerate (``()``: none), for a UI deciding whether to
+    offer it.
+
+    Example::
+
+        supported_parts(demo_models.load_pipeline("video"))   # ("denoiser",)
+    """
+    try:
+        spec = spec_for(pipe)
+        target = Target(pipe, spec, getattr(pipe, spec.denoiser), getattr(pipe, "scheduler", None))
+        return tuple(_resolve_parts("auto", target))
+    except UnsupportedPipelineError:
+        return ()
+
+
 def _resolve_parts(parts: str, target: Target) -> dict[str, nn.Module]:
     """The modules to accelerate, by part name; refuses what cannot be diffed frame by frame."""
     name = target.name
