@@ -8,7 +8,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 import demo_models
 import parastep
-from parastep.strategies.sparsetem import SparseTem, supported_parts
+from parastep.strategies.sparsetem import SparseTem, _Diff, _Part, supported_parts
 from tests.distributed import run_ranks
 from tests.tiny_pipelines import build
 
@@ -83,6 +83,52 @@ def test_adaptive_thresholds_keep_the_error_within_the_target(video):
     # ... so what each layer returned (every frame, measured against the layer computed densely)
     # stays within twice the target, the riskiest frame of every audited call within it
     assert max(layer.verified_error or 0.0 for layer in seen) <= 2 * target
+
+
+def hooked(layer: torch.nn.Module, **config) -> tuple[_Diff, _Part]:
+    """``layer`` with SparseTem's hook alone (no pipeline); ``part.clip`` switches it on."""
+    part = _Part("denoiser", stream=False)
+    hook = _Diff("layer", part, layer, parastep.SparseTemConfig(**{**EXACT, "dense_above": 1.0, **config}))
+    HookRegistry.check_if_exists_or_initialize(layer).register_hook(hook, "sparsetem")
+    return hook, part
+
+
+@pytest.mark.parametrize(
+    "layer, size",
+    [
+        (torch.nn.Conv2d(4, 6, 3, padding=1), (16, 16)),
+        (torch.nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (13, 11)),  # tiles overhang
+        (torch.nn.Conv2d(4, 6, (1, 5), padding="same"), (9, 12)),
+        (torch.nn.Conv2d(4, 6, 4, stride=3), (17, 17)),
+    ],
+)
+def test_any_conv_geometry_matches_dense_at_zero_threshold(layer, size):
+    torch.manual_seed(0)
+    x = torch.randn(2 * 5, 4, *size)  # 2 clips of 5 frames
+    x[1:5] = x[0]  # the first clip is still, but for a corner of frame 3
+    x[3, :, :3, :3] += 1.0
+    hook, part = hooked(layer)
+    with torch.no_grad():
+        dense = layer(x)
+        part.clip = 5
+        out = layer(x)
+    assert (out - dense).abs().max() < 1e-5
+    assert 0 < hook.tally.skipped < hook.tally.tiles
+
+
+def test_a_linear_layer_over_tokens_is_diffed_tile_by_tile():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 32)
+    x = torch.randn(1, 64, 16).repeat(4, 1, 1)  # 4 frames of 64 tokens; tile=4: 16 tokens a tile
+    x[1:, 0] += 1.0  # later frames change their first token only
+    hook, part = hooked(layer)
+    with torch.no_grad():
+        dense = layer(x)
+        part.clip = 4
+        out = layer(x)
+    assert out.shape == dense.shape and (out - dense).abs().max() < 1e-5
+    # frame 1 computes the first tile; frames 2, 3 (same as frame 1) reuse every tile
+    assert (hook.tally.tiles, hook.tally.skipped) == (3 * 4, 3 * 4 - 1)
 
 
 def test_remove_restores_the_pipeline_exactly(video):
