@@ -31,7 +31,7 @@ def diff_layers(stats: parastep.SparseTemStats) -> list[parastep.strategies.spar
     return [layer for layer in stats.layers if layer.mode == "diff"]
 
 
-@pytest.mark.parametrize("dense_above", [1.0, 0.5])
+@pytest.mark.parametrize("dense_above", [1.0, pytest.param(0.3, marks=pytest.mark.slow)])
 def test_zero_threshold_gives_the_dense_result_within_float_tolerance(video, dense_above):
     base = latents(video)
     handle = parastep.apply(video, parastep.SparseTemConfig(**EXACT, dense_above=dense_above))
