@@ -22,6 +22,7 @@ from .strategies import (
     StrategyConfig,
     ideal_speedup,
 )
+from .strategies.sparsetem import SparseTemConfig, SparseTemStats
 
 __all__ = [
     "BLOCKS",
@@ -36,6 +37,8 @@ __all__ = [
     "ParaStepError",
     "PipelineSpec",
     "RunStats",
+    "SparseTemConfig",
+    "SparseTemStats",
     "StepRecord",
     "Strategy",
     "StrategyConfig",

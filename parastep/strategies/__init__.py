@@ -6,8 +6,15 @@ from .base import Strategy, StrategyConfig
 from .batchstep import BatchStepConfig
 from .cfg_parallel import CFGParallelConfig
 from .parastep import ParaStepConfig, ideal_speedup
+from .sparsetem import SparseTemConfig
 
-CONFIG_TYPES: tuple[type[StrategyConfig], ...] = (ParaStepConfig, BatchStepConfig, AsyncDiffConfig, CFGParallelConfig)
+CONFIG_TYPES: tuple[type[StrategyConfig], ...] = (
+    ParaStepConfig,
+    BatchStepConfig,
+    AsyncDiffConfig,
+    CFGParallelConfig,
+    SparseTemConfig,
+)
 
 __all__ = [
     "CONFIG_TYPES",
@@ -15,6 +22,7 @@ __all__ = [
     "BatchStepConfig",
     "CFGParallelConfig",
     "ParaStepConfig",
+    "SparseTemConfig",
     "Strategy",
     "StrategyConfig",
     "ideal_speedup",
