@@ -8,7 +8,6 @@ import torch
 
 import parastep
 from parastep.strategies.asyncdiff import AsyncDiff, balanced_cuts
-from tests.distributed import run_ranks
 from tests.toy import ToyOutput, ToyPipeline, toy_embeds, toy_pipeline
 
 T, W = 8, 2
@@ -181,22 +180,30 @@ def load(family: str):
     return build(family)
 
 
-def latents_of(pipe, kwargs, steps=T) -> torch.Tensor:
+def latents_of(pipe, kwargs, steps=T, decode=False):
+    """The latents the last step left (and, with ``decode``, the decoded output as well)."""
     finals = []
     step = pipe.scheduler.step
     pipe.scheduler.step = lambda *a, _s=step, **k: finals.append(_s(*a, **k)) or finals[-1]
-    pipe(**{**kwargs, "output_type": "latent"}, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        **{**kwargs, **({} if decode else {"output_type": "latent"})},
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+    )
     pipe.scheduler.step = step
     last = finals[-1]
-    return last[0] if isinstance(last, tuple) else last.prev_sample
+    latents = last[0] if isinstance(last, tuple) else last.prev_sample
+    return (latents, torch.as_tensor(np.asarray(next(iter(out.values()))))) if decode else latents
 
 
 # -- 2 ranks ---------------------------------------------------------------------------------------
-def two_rank_checks(rank: int) -> dict:
+def two_rank_checks(rank: int, pair) -> dict:
     pipe = skip_pipeline()
     base = run(pipe)
     results: dict = dict(base=base)
-    handle = parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=W, balance="params", blocks=BLOCKS))
+    handle = parastep.apply(
+        pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=W, balance="params", blocks=BLOCKS), pair
+    )
     out = run(pipe)
     s = handle.last_stats
     results["params"] = dict(
@@ -211,14 +218,14 @@ def two_rank_checks(rank: int) -> dict:
     hooks_left = [n for n, m in pipe.unet.named_modules() if "forward" in vars(m)]
     results["restored"] = (torch.equal(run(pipe), base), hooks_left)
 
-    handle = parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=3, blocks=BLOCKS))  # by time
+    handle = parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=3, blocks=BLOCKS), pair)  # by time
     results["timed"] = dict(out=run(pipe), split=split_of(handle))
     handle.remove()
     for name, config in [
         ("full_warmup", parastep.AsyncDiffConfig(stages=2, warmup_steps=T, blocks=BLOCKS)),
         ("one_stage", parastep.AsyncDiffConfig(stages=1, blocks=BLOCKS)),
     ]:
-        handle = parastep.apply(pipe, config)
+        handle = parastep.apply(pipe, config, pair)
         results[name] = (run(pipe), handle.last_stats.model_calls, handle.last_stats.bytes_sent)
         handle.remove()
     for name, config in [
@@ -227,27 +234,25 @@ def two_rank_checks(rank: int) -> dict:
         ("stride_needs_more", parastep.AsyncDiffConfig(stages=2, stride=2, blocks=BLOCKS)),
     ]:
         try:
-            parastep.apply(pipe, config)
+            parastep.apply(pipe, config, pair)
             results[name] = "no error"
         except parastep.ConfigError as exc:
             results[name] = str(exc)
-    results["families"] = families_on(rank)
+    results["families"] = families_on(rank, pair)
     return results
 
 
-def families_on(rank: int) -> dict:
+def families_on(rank: int, pair) -> dict:
     """Drop-in: every family with 2 stages, and with a warm-up as long as the call."""
     out = {}
     for family in FAMILIES:
         pipe, kwargs = load(family)
-        handle = parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=W))
-        latents = latents_of(pipe, kwargs)
+        handle = parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=W), pair)
+        latents, decoded = latents_of(pipe, kwargs, decode=True)
         split, calls = split_of(handle), handle.last_stats.model_calls
-        image = pipe(**kwargs, num_inference_steps=T, generator=torch.Generator().manual_seed(0))  # every rank
-        decoded = torch.as_tensor(np.asarray(next(iter(image.values()))))
         handle.remove()
         base = latents_of(pipe, kwargs)
-        handle = parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=T))
+        handle = parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, warmup_steps=T), pair)
         full = latents_of(pipe, kwargs)
         handle.remove()
         out[family] = dict(latents=latents, split=split, calls=calls, decoded=decoded, base=base, full=full)
@@ -255,8 +260,20 @@ def families_on(rank: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    return run_ranks(two_rank_checks, 2, timeout=600)
+def ranks():
+    from tests.contestants import spawned_ranks
+
+    return spawned_ranks()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ranks):
+    return [r["two"] for r in ranks[:2]]
+
+
+@pytest.fixture(scope="module")
+def three_ranks(ranks):
+    return [r["three"] for r in ranks]
 
 
 def test_two_stages_equal_the_replayed_algorithm(two_ranks):
@@ -342,16 +359,11 @@ def three_rank_checks(rank: int) -> dict:
         )
         handle.remove()
     try:
-        parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, blocks=BLOCKS))
+        parastep.apply(pipe, parastep.AsyncDiffConfig(stages=2, blocks=BLOCKS))  # on all 3
         results["wrong_size"] = "no error"
     except parastep.ConfigError as exc:
         results["wrong_size"] = str(exc)
     return results
-
-
-@pytest.fixture(scope="module")
-def three_ranks():
-    return run_ranks(three_rank_checks, 3, timeout=300)
 
 
 def test_stride_two_equals_the_replayed_algorithm(three_ranks):

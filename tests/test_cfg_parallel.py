@@ -11,8 +11,13 @@ from tests.distributed import run_ranks
 from tests.toy import toy_embeds, toy_pipeline
 
 T = 8
-REFUSED = [("flux", {}), ("flux", {"true_cfg": True}), ("flux", {"guidance_embeds": True})]
-REFUSED += [("sd3", {"skip_layer_guidance": True})]
+FAMILIES = ["sd", "sdxl", "sd3", "cogvideox", "latte", "svd", "animatediff", "audioldm2"]
+REFUSED = [("flux", {}), ("flux", {"true_cfg": True}), ("sd3", {"skip_layer_guidance": True})]
+CASES = [(f, {}) for f in FAMILIES] + REFUSED + [("sd", {"scheduler": "DPMSolverMultistepScheduler"})]
+
+
+def name_of(family: str, variant: dict) -> str:
+    return "-".join([family, *(str(v) if k == "scheduler" else k for k, v in variant.items())])
 
 
 def run(pipe, embeds=None, steps=T):
@@ -48,11 +53,12 @@ def latents_of(pipe, kwargs) -> torch.Tensor:
     return last[0] if isinstance(last, tuple) else last.prev_sample
 
 
-def cfg_rank(rank: int) -> dict:
+def cfg_rank(rank: int, pair) -> dict:
+    """Ranks 0 and 1 of the spawn in tests/contestants.py; ``pair`` is their group."""
     torch.set_num_threads(1)
     pipe = toy_pipeline()
     results: dict = dict(base=run(pipe))
-    handle = parastep.apply(pipe, parastep.CFGParallelConfig())
+    handle = parastep.apply(pipe, parastep.CFGParallelConfig(), pair)
     results["out"] = run(pipe)
     s = handle.last_stats
     results["stats"] = (s.model_calls, s.bytes_sent, s.bytes_received, s.degree, s.method)
@@ -68,22 +74,22 @@ def cfg_rank(rank: int) -> dict:
     handle.remove()
     results["restored"] = run(pipe)
     try:
-        parastep.apply(pipe, parastep.CFGParallelConfig(timeout_s=10 + rank))
+        parastep.apply(pipe, parastep.CFGParallelConfig(timeout_s=10 + rank), pair)
         results["mismatch"] = "no error"
     except parastep.ConfigError as exc:
         results["mismatch"] = str(exc)
 
-    from tests.tiny_pipelines import CASES, IDS, build  # imported where used: spawned ranks import this module
+    from tests.tiny_pipelines import build  # imported where used: spawned ranks import this module
 
     families: dict[str, dict] = {}
-    for (family, variant), name in zip(CASES, IDS):
-        base = latents_of(*build(family, **variant))
-        pipe, kwargs = build(family, **variant)  # afresh: some schedulers keep state from call to call
-        handle = parastep.apply(pipe, parastep.CFGParallelConfig())
+    for family, variant in CASES:
+        pipe, kwargs = build(family, **variant)
+        base = latents_of(pipe, kwargs)
+        handle = parastep.apply(pipe, parastep.CFGParallelConfig(), pair)
         try:
-            families[name] = dict(latents=latents_of(pipe, kwargs), base=base)
+            families[name_of(family, variant)] = dict(latents=latents_of(pipe, kwargs), base=base)
         except parastep.UnsupportedPipelineError as exc:
-            families[name] = dict(refused=str(exc))
+            families[name_of(family, variant)] = dict(refused=str(exc))
         handle.remove()
     results["families"] = families
     return results
@@ -91,7 +97,9 @@ def cfg_rank(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return run_ranks(cfg_rank, 2, timeout=600)
+    from tests.contestants import spawned_ranks
+
+    return [r["cfg"] for r in spawned_ranks()[:2]]
 
 
 def test_each_rank_equals_the_halves_run_one_after_the_other(two_ranks):
@@ -121,23 +129,18 @@ def test_a_call_without_a_guidance_batch_is_refused_and_the_next_call_works(two_
         assert "same config" in r["mismatch"]
 
 
-@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "cogvideox", "latte", "svd", "animatediff", "audioldm2"])
+@pytest.mark.parametrize("name", FAMILIES + ["sd-DPMSolverMultistepScheduler"])
 def test_drop_in_on_two_ranks(two_ranks, name):
     r0, r1 = two_ranks[0]["families"][name], two_ranks[1]["families"][name]
     assert torch.equal(r0["latents"], r1["latents"]) and torch.isfinite(r0["latents"]).all()
     torch.testing.assert_close(r0["latents"], r0["base"], rtol=1e-4, atol=1e-4)
 
 
-def test_every_family_and_scheduler_runs_or_is_refused_clearly(two_ranks):
-    from tests.tiny_pipelines import CASES, IDS
-
-    for (family, variant), name in zip(CASES, IDS):
-        r0, r1 = two_ranks[0]["families"][name], two_ranks[1]["families"][name]
-        if (family, variant) in REFUSED:
-            assert "no unconditional and conditional halves" in r0["refused"] and r0 == r1, name
-        else:
-            assert torch.equal(r0["latents"], r1["latents"]), name
-            torch.testing.assert_close(r0["latents"], r0["base"], rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("family,variant", REFUSED, ids=[name_of(*case) for case in REFUSED])
+def test_no_guidance_batch_and_separate_guidance_calls_are_refused_clearly(two_ranks, family, variant):
+    r0, r1 = (two_ranks[rank]["families"][name_of(family, variant)] for rank in (0, 1))
+    assert "no unconditional and conditional halves" in r0["refused"] and r0 == r1
+    assert ("denoiser call 1 of step 1" if family == "sd3" else "denoiser call 0 of step 0") in r0["refused"]
 
 
 def test_without_a_process_group_of_two_it_is_refused():
