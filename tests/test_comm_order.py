@@ -124,7 +124,12 @@ def simulate(traces: dict[int, Trace], per_pair: bool) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda p: f"P{p}")
+# P = 2 in the fast suite; 3 and 4 ranks (a spawn each) in the slow one
+@pytest.fixture(
+    scope="module",
+    params=[2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)],
+    ids=lambda p: f"P{p}",
+)
 def traces(request) -> dict[str, list[dict]]:
     p = request.param
     return {protocol: run_ranks(record_rank, p, protocol) for protocol in PROTOCOLS}

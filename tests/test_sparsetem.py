@@ -237,7 +237,11 @@ def sparsetem_with_parastep(rank: int, order: list[str]) -> dict:
 
 
 @pytest.mark.parametrize(
-    "order", [["sparsetem", "parastep"], pytest.param(["parastep", "sparsetem"], marks=pytest.mark.slow)]
+    "order",
+    [
+        pytest.param(["sparsetem", "parastep"], marks=pytest.mark.slow),
+        pytest.param(["parastep", "sparsetem"], marks=pytest.mark.slow),
+    ],
 )
 def test_sparsetem_with_parastep_on_two_ranks_leaves_every_rank_with_the_same_latents(order):
     results = run_ranks(sparsetem_with_parastep, 2, order)
