@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -79,7 +79,7 @@ class AsyncDiffConfig(StrategyConfig):
     stages: int = 2
     stride: int = 1
     warmup_steps: int = 5
-    balance: str = "time"
+    balance: Literal["time", "params"] = "time"
     blocks: tuple[str, ...] | None = None
     timeout_s: float = 60.0
 

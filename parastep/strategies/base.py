@@ -28,16 +28,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 
+from ..comm import Comm
 from ..errors import ConfigError
 from ..registry import PipelineSpec
-
-if TYPE_CHECKING:
-    from ..comm import Comm
 
 Action = Literal["computed", "reused", "received", "precomputed", "none"]
 
@@ -147,8 +145,6 @@ def group_comm(group: Any, ranks: int, config: StrategyConfig, target: Target, t
     """A :class:`~parastep.comm.Comm` over ``group`` (default: the default process group), which
     must hold exactly ``ranks`` ranks, once every rank has shown that it attached the same config
     to the same model (each rank sends its own to every other, so all of them raise or none)."""
-    from ..comm import Comm
-
     name = type(config).__name__
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError(
