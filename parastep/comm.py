@@ -86,6 +86,7 @@ class Comm:
         self._posted: dict[int, tuple[dist.Work, torch.Tensor]] = {}  # src -> receive posted early
         self._agreed: dict[tuple[bool, int], int] = {}  # (sending, peer) -> buffer bytes
         self._skeletons: dict[tuple[bool, int], Any] = {}  # (sending, peer) -> last message's skeleton
+        self._backends: dict[str, str] = {}  # device type -> the group's backend for it
 
     def begin_call(self) -> None:
         """Starts a pipeline call: zero the byte and sync counts, forget the agreed sizes."""
@@ -102,11 +103,23 @@ class Comm:
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
 
+    def _backend(self, device: torch.device) -> str:
+        """The group's backend for ``device``; NCCL moves only CUDA tensors, said up front."""
+        name = self._backends.get(device.type)
+        if name is None:
+            name = self._backends[device.type] = backend_for(self.group, device)
+        if name == "nccl" and device.type != "cuda":
+            raise CommError(
+                f"the process group moves {device.type} tensors with NCCL, which moves only CUDA tensors: keep "
+                "the pipeline on the GPU, or initialise the group with backend='cpu:gloo,cuda:nccl'"
+            )
+        return name
+
     def _stream_ordered(self, device: torch.device) -> bool:
         """NCCL on CUDA: ``work.wait()`` without a timeout only makes the current stream wait
         for the operation, the host goes on (a timed wait would poll every 1 ms from the time
         the operation was queued, and abort the communicator on timeout)."""
-        return device.type == "cuda" and backend_for(self.group, device) == "nccl"
+        return device.type == "cuda" and self._backend(device) == "nccl"
 
     def _wait(self, work: dist.Work, peer: int, what: str) -> None:
         try:
@@ -135,14 +148,17 @@ class Comm:
         host = torch.empty(end - start, dtype=torch.uint8, pin_memory=True)
         host.copy_(buf[start:end], non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(buf.device))
         self.host_syncs += 1
         deadline, pause = time.monotonic() + self.timeout.total_seconds(), 2e-5
-        while not done.query():
+        while not done.query():  # sleeps of at most 0.25 ms: late by that much at worst, no spinning
             if time.monotonic() > deadline:
-                raise CommError(f"rank {peer} did not complete {what} within {self.timeout.total_seconds():g}s")
+                raise CommError(
+                    f"rank {peer} did not complete {what} within {self.timeout.total_seconds():g}s (the NCCL "
+                    "communicator may still hold the receive: create a new process group before retrying)"
+                )
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            pause = min(pause * 2, 2.5e-4)
         return host.numpy()
 
     def _agreed_size(self, sending: bool, peer: int) -> int:
@@ -150,6 +166,7 @@ class Comm:
         return max(self._agreed.get((sending, peer), 0), _HEAD)
 
     def _irecv(self, src: int, nbytes: int, device: torch.device) -> tuple[dist.Work, torch.Tensor]:
+        self._backend(device)
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return _posted(dist.irecv(buf, self._global(src), self.group)), buf
 
@@ -164,6 +181,7 @@ class Comm:
         """Starts sending ``obj`` to ``dst`` (a rank, or several: the message is packed once);
         :meth:`flush` awaits completion."""
         dsts = [dst] if isinstance(dst, int) else list(dst)
+        self._backend(device)
         tensors: list[torch.Tensor] = []
         skeleton = _strip(obj, tensors)
         same = all(_same_skeleton(skeleton, self._skeletons.get((True, d), _NONE)) for d in dsts)

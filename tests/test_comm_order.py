@@ -206,3 +206,33 @@ def test_a_skeleton_travels_as_tagged_json_never_pickled():
     assert _decode(_encode({(1, "a"): 0}, [])) == {(1, "a"): 0}  # tuple keys round-trip
     with pytest.raises(parastep.CommError, match="is a float: use str, int or a tuple of them"):
         _encode({1.5: 0}, [])
+
+
+@pytest.mark.parametrize(
+    "spec,early_cpu,early_cuda",
+    [
+        ("gloo", True, True),
+        ("nccl", False, False),
+        ("cpu:gloo,cuda:nccl", True, False),
+        ("cuda:nccl", False, False),
+        ("mpi", False, False),  # unknown: when due
+    ],
+)
+def test_the_groups_backend_for_the_device_decides_the_order(monkeypatch, spec, early_cpu, early_cuda):
+    from parastep import comm
+
+    monkeypatch.setattr(comm.dist, "get_backend", lambda group: spec)
+    assert comm.receives_may_be_posted_early(None, torch.device("cpu")) is early_cpu
+    assert comm.receives_may_be_posted_early(None, torch.device("cuda", 1)) is early_cuda
+
+
+def test_cpu_tensors_on_an_nccl_only_group_are_a_clear_error(monkeypatch):
+    from parastep import comm
+
+    monkeypatch.setattr(comm.dist, "get_backend", lambda group: "nccl")
+    monkeypatch.setattr(comm.dist, "get_rank", lambda group: 0)
+    monkeypatch.setattr(comm.dist, "get_world_size", lambda group: 2)
+    c = Comm(None, timeout_s=1)
+    for attempt in (lambda: c.send(torch.ones(1), 1, torch.device("cpu")), lambda: c.recv(1, torch.device("cpu"))):
+        with pytest.raises(parastep.CommError, match="cpu:gloo,cuda:nccl"):
+            attempt()
