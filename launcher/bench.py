@@ -473,6 +473,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--app" in argv:  # the app's Compare against this benchmark: launcher/app_bench.py
+        from launcher import app_bench
+
+        return app_bench.main([a for a in argv if a != "--app"])
     p = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=["image", "video", "audio"], help="built-in kinds to measure")
     p.add_argument("--model", action="append", default=[], help="a diffusers model id or path (local cache only)")
