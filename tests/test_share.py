@@ -118,23 +118,24 @@ def test_audio_is_an_mp4_of_stacked_spectrograms_playing_each_sound_in_turn(tmp_
 
 
 @pytest.mark.parametrize(
-    ("media", "modality", "sample_rate", "message"),
+    ("media", "modality", "options", "message"),
     [
-        ([], "image", None, "at least one entry"),
-        ([np.zeros((4, 4, 3))] * 6, "image", None, "at most 5"),
-        ([np.zeros((4, 4, 3))], "gif", None, "modality must be"),
-        ([np.zeros((8, 4, 4, 3))], "image", None, "expected HxWx3"),
-        ([np.zeros((4, 4, 3))], "video", None, "expected FxHxWx3"),
-        ([np.zeros((4, 4))], "image", None, "expected HxWx3"),
-        ([np.zeros((4, 4, 3)), np.zeros((8, 8, 3))], "image", None, "share one shape"),
-        ([np.zeros((100, 2))], "audio", 16000, "1-D waveform"),
-        ([np.zeros(100)], "audio", None, "sample_rate"),
+        ([], "image", {}, "1 to 5 entries"),
+        ([np.zeros((4, 4, 3))] * 6, "image", {}, "1 to 5 entries"),
+        ([np.zeros((4, 4, 3))], "gif", {}, "modality must be"),
+        ([np.zeros((8, 4, 4, 3))], "image", {}, "expected HxWx3"),
+        ([np.zeros((4, 4, 3))], "video", {}, "expected FxHxWx3"),
+        ([np.zeros((4, 4))], "image", {}, "expected HxWx3"),
+        ([np.zeros((4, 4, 3)), np.zeros((8, 8, 3))], "image", {}, "share one shape"),
+        ([np.zeros((100, 2))], "audio", {"sample_rate": 16000}, "1-D waveform"),
+        ([np.zeros(100)], "audio", {}, "sample_rate"),
+        ([np.zeros((8, 4, 4, 3))], "video", {"fps": 0}, "fps must be"),
     ],
 )
 def test_refusals_say_what_to_change(
-    tmp_path: Path, media: list[np.ndarray], modality: str, sample_rate: int | None, message: str
+    tmp_path: Path, media: list[np.ndarray], modality: str, options: dict[str, int], message: str
 ) -> None:
     entries = [ShareEntry(f"m{i}", 1.0, m) for i, m in enumerate(media)]
     with pytest.raises(ValueError, match=message):
-        export_race(entries, modality, tmp_path, sample_rate=sample_rate)
+        export_race(entries, modality, tmp_path, **options)
     assert not any(tmp_path.iterdir())

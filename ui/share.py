@@ -113,23 +113,25 @@ def _audio_rows(entries: Sequence[ShareEntry], sample_rate: int) -> tuple[np.nda
     return _even(np.concatenate(rows[:-1])), tops
 
 
-def _check(entries: Sequence[ShareEntry], modality: str, sample_rate: int | None) -> None:
-    if not entries:
-        raise ValueError("export_race needs at least one entry (a finished race)")
-    if len(entries) > MAX_ENTRIES:
-        raise ValueError(f"export_race takes at most {MAX_ENTRIES} entries, got {len(entries)}: drop some methods")
-    ndim = {"image": 3, "video": 4, "audio": 1}.get(modality)
-    if ndim is None:
+def _check(entries: Sequence[ShareEntry], modality: str, fps: int, sample_rate: int | None) -> None:
+    forms = {"image": (3, "HxWx3"), "video": (4, "FxHxWx3"), "audio": (1, "a 1-D waveform")}
+    if modality not in forms:
         raise ValueError(f"modality must be 'image', 'video' or 'audio', got {modality!r}")
-    for e in entries:
-        shape = np.shape(e.media)
+    if not 1 <= len(entries) <= MAX_ENTRIES:
+        raise ValueError(
+            f"export_race takes 1 to {MAX_ENTRIES} entries (methods of a finished race), got {len(entries)}"
+        )
+    ndim, form = forms[modality]
+    shapes = [np.shape(e.media) for e in entries]
+    for e, shape in zip(entries, shapes, strict=True):
         if len(shape) != ndim or (ndim > 1 and shape[-1] != 3) or 0 in shape:
-            want = {"image": "HxWx3", "video": "FxHxWx3", "audio": "1-D waveform"}[modality]
-            raise ValueError(f"{modality} entry {e.label!r} has media of shape {shape}; expected {want}")
-    if modality != "audio" and len({np.shape(e.media) for e in entries}) > 1:
-        raise ValueError(f"{modality} entries must share one shape, got {[np.shape(e.media) for e in entries]}")
+            raise ValueError(f"{modality} entry {e.label!r} has media of shape {shape}; expected {form}")
+    if modality != "audio" and len(set(shapes)) > 1:
+        raise ValueError(f"{modality} entries must share one shape, got {shapes}")
     if modality == "audio" and (sample_rate is None or sample_rate <= 0):
         raise ValueError("audio export needs sample_rate=<Hz> (the pipeline's output sample rate)")
+    if fps < 1:
+        raise ValueError(f"fps must be at least 1, got {fps}")
 
 
 def export_race(
@@ -141,7 +143,7 @@ def export_race(
     ...             "image", Path("/tmp/out"))  # doctest: +SKIP
     PosixPath('/tmp/out/race-image-3f2a....png')
     """
-    _check(entries, modality, sample_rate)
+    _check(entries, modality, fps, sample_rate)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"race-{modality}-{uuid.uuid4().hex[:12]}"
@@ -153,7 +155,7 @@ def export_race(
     from moviepy import AudioArrayClip, VideoClip  # type: ignore[import-untyped]
 
     path = stem.with_suffix(".mp4")
-    encode = dict(codec="libx264", preset="veryfast", pixel_format="yuv420p", logger=None)
+    encode = dict(codec="libx264", preset="ultrafast", pixel_format="yuv420p", logger=None)
     if modality == "video":
         frames = _row([upscale(to_uint8(e.media), TILE_MIN_SIDE) for e in entries], entries)
         count = len(frames) * math.ceil(VIDEO_MIN_SECONDS * fps / len(frames))
@@ -184,7 +186,10 @@ def export_race(
     audio = AudioArrayClip(np.stack([sound, sound], axis=1), fps=sample_rate)
     clip = VideoClip(frame, duration=len(sound) / sample_rate).with_audio(audio)
     temp_audio = str(stem) + "-audio.m4a"  # moviepy's temporary file, next to ours, not in the cwd
-    clip.write_videofile(
-        str(path), fps=AUDIO_FPS, audio_codec="aac", audio_fps=sample_rate, temp_audiofile=temp_audio, **encode
-    )
+    try:
+        clip.write_videofile(
+            str(path), fps=AUDIO_FPS, audio_codec="aac", audio_fps=sample_rate, temp_audiofile=temp_audio, **encode
+        )
+    finally:
+        Path(temp_audio).unlink(missing_ok=True)
     return path
