@@ -50,10 +50,8 @@ def _font(bold: bool, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 def _fitting(text: str, width: int, bold: bool, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """The largest font (down to 10 px) in which text fits the tile's width."""
-    for s in range(size, 9, -1):
-        if _font(bold, s).getlength(text) <= width - 12:
-            break
-    return _font(bold, s)
+    fits = [s for s in range(size, 10, -1) if _font(bold, s).getlength(text) <= width - 12]
+    return _font(bold, fits[0] if fits else 10)
 
 
 def label_strip(entry: ShareEntry, width: int) -> np.ndarray:
@@ -67,50 +65,41 @@ def label_strip(entry: ShareEntry, width: int) -> np.ndarray:
 
 
 def _even(canvas: np.ndarray) -> np.ndarray:
-    """Pad the last two spatial axes to even sizes (yuv420p)."""
-    h, w = canvas.shape[-3] % 2, canvas.shape[-2] % 2
-    pad = [(0, 0)] * (canvas.ndim - 3) + [(0, h), (0, w), (0, 0)]
-    return np.pad(canvas, pad) if h or w else canvas
+    """Pad an HxWx3 picture to even sides (yuv420p)."""
+    return np.pad(canvas, [(0, canvas.shape[0] % 2), (0, canvas.shape[1] % 2), (0, 0)])
 
 
-def _row(tiles: list[np.ndarray], entries: Sequence[ShareEntry]) -> np.ndarray:
-    """Tiles (...xHxWx3 uint8, one shape) side by side, each under its label strip."""
-    lead, (h, w) = tiles[0].shape[:-3], tiles[0].shape[-3:-1]
-    gap = np.empty((*lead, STRIP_HEIGHT + h, GAP, 3), np.uint8)
-    gap[...] = _BACKGROUND
-    parts = []
-    for tile, entry in zip(tiles, entries, strict=True):
-        strip = np.broadcast_to(label_strip(entry, w), (*lead, STRIP_HEIGHT, w, 3))
-        parts += [np.concatenate([strip, tile], axis=-3), gap]
-    return _even(np.concatenate(parts[:-1], axis=-2))
+def _row(tiles: list[np.ndarray], strips: list[np.ndarray]) -> np.ndarray:
+    """HxWx3 float tiles, upscaled, side by side, each under its label strip."""
+    columns = [np.concatenate([s, upscale(to_uint8(t), TILE_MIN_SIDE)]) for t, s in zip(tiles, strips, strict=True)]
+    gap = np.full((columns[0].shape[0], GAP, 3), _BACKGROUND, np.uint8)
+    return _even(np.concatenate([part for c in columns for part in (gap, c)][1:], axis=1))
 
 
-def _spectrogram(wave: np.ndarray, sample_rate: int, top_db: float) -> np.ndarray:
-    """Log-magnitude STFT in [0, 1], SPECTROGRAM_SIZE[1] rows on a mel-spaced frequency axis
-    (low frequencies at the bottom) x time frames."""
+def _spectrogram_db(wave: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Log-magnitude STFT in dB: SPECTROGRAM_SIZE[1] rows on a mel-spaced frequency axis (low
+    frequencies at the bottom) x time frames."""
     n_fft, hop = (512, 128) if sample_rate >= 16000 else (256, 64)
     frames = np.lib.stride_tricks.sliding_window_view(np.pad(wave, n_fft // 2), n_fft)[::hop]
     db = 20 * np.log10(np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=1)).T + 1e-6)
     mel_top = 2595 * np.log10(1 + sample_rate / 2 / 700)
     hz = 700 * (10 ** (np.linspace(0, mel_top, SPECTROGRAM_SIZE[1]) / 2595) - 1)
-    rows = np.round(hz / (sample_rate / 2) * (db.shape[0] - 1)).astype(int)
-    return np.clip((db[rows] - top_db + 80.0) / 80.0, 0.0, 1.0)[::-1]
+    return db[np.round(hz / (sample_rate / 2) * (db.shape[0] - 1)).astype(int)][::-1]
 
 
-def _audio_rows(entries: Sequence[ShareEntry], sample_rate: int) -> tuple[np.ndarray, list[int]]:
-    """The audio canvas (uint8) and the top y of each spectrogram row."""
+def _audio_canvas(entries: Sequence[ShareEntry], waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
+    """Each entry's label strip over its spectrogram, stacked, 80 dB of range under the loudest."""
     from matplotlib import colormaps
 
-    top_db = 20 * np.log10(max(float(np.abs(e.media).max()) for e in entries) * 256 + 1e-6)
     width, height = SPECTROGRAM_SIZE
-    rows, tops, y = [], [], 0
-    for entry in entries:
-        spec = to_uint8(colormaps["magma"](_spectrogram(entry.media, sample_rate, top_db))[..., :3])
+    specs = [_spectrogram_db(w, sample_rate) for w in waves]
+    top = max(float(db.max()) for db in specs)  # one scale for all rows: a quieter method looks quieter
+    rows = []
+    for entry, db in zip(entries, specs, strict=True):
+        spec = to_uint8(colormaps["magma"](np.clip((db - top + 80.0) / 80.0, 0.0, 1.0))[..., :3])
         spec = np.asarray(Image.fromarray(spec).resize((width, height), Image.Resampling.BILINEAR))
         rows += [label_strip(entry, width), spec, np.full((GAP, width, 3), _BACKGROUND, np.uint8)]
-        tops.append(y + STRIP_HEIGHT)
-        y += STRIP_HEIGHT + height + GAP
-    return _even(np.concatenate(rows[:-1])), tops
+    return _even(np.concatenate(rows[:-1]))
 
 
 def _check(entries: Sequence[ShareEntry], modality: str, fps: int, sample_rate: int | None) -> None:
@@ -118,9 +107,7 @@ def _check(entries: Sequence[ShareEntry], modality: str, fps: int, sample_rate: 
     if modality not in forms:
         raise ValueError(f"modality must be 'image', 'video' or 'audio', got {modality!r}")
     if not 1 <= len(entries) <= MAX_ENTRIES:
-        raise ValueError(
-            f"export_race takes 1 to {MAX_ENTRIES} entries (methods of a finished race), got {len(entries)}"
-        )
+        raise ValueError(f"export_race takes 1 to {MAX_ENTRIES} entries (one per method), got {len(entries)}")
     ndim, form = forms[modality]
     shapes = [np.shape(e.media) for e in entries]
     for e, shape in zip(entries, shapes, strict=True):
@@ -144,42 +131,46 @@ def export_race(
     PosixPath('/tmp/out/race-image-3f2a....png')
     """
     _check(entries, modality, fps, sample_rate)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"race-{modality}-{uuid.uuid4().hex[:12]}"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    stem = Path(out_dir) / f"race-{modality}-{uuid.uuid4().hex[:12]}"
+    if modality != "audio":
+        width = upscale(entries[0].media if modality == "image" else entries[0].media[0], TILE_MIN_SIDE).shape[1]
+        strips = [label_strip(e, width) for e in entries]
     if modality == "image":
-        path = stem.with_suffix(".png")
-        Image.fromarray(_row([upscale(to_uint8(e.media), TILE_MIN_SIDE) for e in entries], entries)).save(path)
-        return path
+        Image.fromarray(_row([e.media for e in entries], strips)).save(stem.with_suffix(".png"))
+        return stem.with_suffix(".png")
 
     from moviepy import AudioArrayClip, VideoClip  # type: ignore[import-untyped]
 
     path = stem.with_suffix(".mp4")
     encode = dict(codec="libx264", preset="ultrafast", pixel_format="yuv420p", logger=None)
-    if modality == "video":
-        frames = _row([upscale(to_uint8(e.media), TILE_MIN_SIDE) for e in entries], entries)
-        count = len(frames) * math.ceil(VIDEO_MIN_SECONDS * fps / len(frames))
-        clip = VideoClip(lambda t: frames[min(round(t * fps), count - 1) % len(frames)], duration=count / fps)
-        clip.write_videofile(str(path), fps=fps, audio=False, **encode)
+    if modality == "video":  # composed frame by frame: a long, large video is never held whole
+        frames = len(entries[0].media)
+        count = frames * math.ceil(VIDEO_MIN_SECONDS * fps / frames)
+
+        def video_frame(t: float) -> np.ndarray:
+            return _row([e.media[min(round(t * fps), count - 1) % frames] for e in entries], strips)
+
+        VideoClip(video_frame, duration=count / fps).write_videofile(str(path), fps=fps, audio=False, **encode)
         return path
 
     assert sample_rate is not None
-    canvas, tops = _audio_rows(entries, sample_rate)
-    gap = np.zeros(round(AUDIO_GAP_S * sample_rate), np.float32)
     waves = [np.clip(np.asarray(e.media, np.float32), -1.0, 1.0) for e in entries]
+    canvas = _audio_canvas(entries, waves, sample_rate)
+    gap = np.zeros(round(AUDIO_GAP_S * sample_rate), np.float32)
     starts = np.cumsum([0.0] + [(len(w) + len(gap)) / sample_rate for w in waves])
     sound = np.concatenate([part for w in waves for part in (w, gap)])[: -len(gap) or None]
     # each row lit in turn, the others dimmed; precomputed once, the playhead drawn per frame
-    lit = [canvas // 2 for _ in entries]
-    for i, top in enumerate(tops):
-        lo = top - STRIP_HEIGHT
-        lit[i][lo : top + SPECTROGRAM_SIZE[1]] = canvas[lo : top + SPECTROGRAM_SIZE[1]]
+    pitch = STRIP_HEIGHT + SPECTROGRAM_SIZE[1] + GAP
+    row_of = np.arange(len(canvas)) // pitch  # the entry each line of the canvas shows
+    lit = [np.where((row_of == i)[:, None, None], canvas, canvas // 2) for i in range(len(entries))]
 
     def frame(t: float) -> np.ndarray:
         i = min(int(np.searchsorted(starts, t, side="right")) - 1, len(entries) - 1)
         x = round(min(1.0, (t - starts[i]) * sample_rate / len(waves[i])) * (SPECTROGRAM_SIZE[0] - 2))
         picture = lit[i].copy()
-        picture[tops[i] : tops[i] + SPECTROGRAM_SIZE[1], x : x + 2] = 255
+        top = i * pitch + STRIP_HEIGHT
+        picture[top : top + SPECTROGRAM_SIZE[1], x : x + 2] = 255
         return picture
 
     # two identical channels: moviepy 2.2.1 writes a mono AudioArrayClip at twice its length
