@@ -203,6 +203,11 @@ def test_race_runs_every_method_on_the_same_seed_against_the_baseline(client: Cl
     assert got["cfg"]["method"]["model_calls_per_rank"] == [STEPS, STEPS]
     for method in methods:
         assert METHOD_INFO[method].trade in table
+    shared = client.predict(api_name="/share")  # this session's last race, as one PNG grid
+    from PIL import Image
+
+    grid = Image.open(media_path(shared))
+    assert grid.format == "PNG" and grid.width >= 5 * 192, grid.size
 
 
 def test_race_refuses_a_method_that_cannot_run_naming_it(client: Client) -> None:

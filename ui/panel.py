@@ -166,27 +166,25 @@ def race_markdown(result: RaceOutput, info: Mapping[str, MethodInfo]) -> str:
     one line per method saying what it trades."""
     base = result.baseline
     rows = [
-        "| Method | Wall | Denoising | Speedup (whole / denoising) | Ideal | Model calls per rank | Bytes "
-        "| PSNR | SSIM |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Method | Wall (denoising) | Speedup (denoising) | Ideal | Calls per rank | Bytes | PSNR · SSIM |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def denoise(run: RunOutput) -> str:
-        return f"{run.denoise_s:.2f} s" if run.denoise_s is not None else "—"
+    def wall(run: RunOutput) -> str:
+        return f"{run.wall_s:.2f} s" + (f" ({run.denoise_s:.2f} s)" if run.denoise_s is not None else "")
 
     if result.baseline_picked:
         rows.append(
-            f"| {base.label} | {base.wall_s:.2f} s | {denoise(base)} | 1.00× | 1.00× | {_calls(base)} | "
-            f"{human_bytes(base.bytes_communicated)} | — | — |"
+            f"| {base.label} | {wall(base)} | 1.00× | 1.00× | {_calls(base)} | "
+            f"{human_bytes(base.bytes_communicated)} | — |"
         )
     for r in result.results:
         run = r.method
-        sd = f" / {r.speedup_denoise:.2f}×" if r.speedup_denoise is not None else ""
+        sd = f" ({r.speedup_denoise:.2f}×)" if r.speedup_denoise is not None else ""
         flag = " ⚠️" if r.psnr < QUALITY_FLOOR_DB else ""
         rows.append(
-            f"| {run.label} | {run.wall_s:.2f} s | {denoise(run)} | **{r.speedup:.2f}×**{sd} | "
-            f"{run.ideal_speedup:.2f}× | {_calls(run)} | {human_bytes(run.bytes_communicated)} | "
-            f"{psnr_text(r.psnr)}{flag} | {r.ssim:.4f} |"
+            f"| {run.label} | {wall(run)} | **{r.speedup:.2f}×**{sd} | {run.ideal_speedup:.2f}× | {_calls(run)} | "
+            f"{human_bytes(run.bytes_communicated)} | {psnr_text(r.psnr)}{flag} · {r.ssim:.3f} |"
         )
     lines = [f"- **{info[run.method].label}**: {info[run.method].trade}" for run in result.runs]
     notes = [f"⚠️ {run.label}: {run.note}" for run in result.runs if run.note]
