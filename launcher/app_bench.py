@@ -30,13 +30,13 @@ APP_ARGS = ["--ranks", "2"]
 WARMUP = 2  # the app's default
 
 
-def measure_app(kinds: list[str], repeats: int) -> dict[str, dict[str, Any]]:
+def measure_app(kinds: list[str], repeats: int, extra_args: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Per model: the Compare panel's numbers of ``repeats`` requests at the app's defaults, on
     the model's first example prompt (what the page opens with)."""
     from gradio_client import Client
 
     found: dict[str, dict[str, Any]] = {}
-    with AppProcess([*APP_ARGS, "--builtins", ",".join(kinds)]) as app:
+    with AppProcess([*APP_ARGS, "--builtins", ",".join(kinds), *extra_args]) as app:
         client = Client(app.url, verbose=False)
         for kind in kinds:
             model = builtin_name(kind)
@@ -70,14 +70,18 @@ def measure_engine(kind: str, steps: int, repeats: int, out: Path) -> dict[str, 
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    off = any("app_no_previews" in r for r in rows)
     lines = [
-        "| model | steps | warm-up | app: whole call | app: denoising | engine (bench) | app / engine | ideal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | steps | warm-up | app: whole call | app: denoising | "
+        + ("app, no previews | " if off else "")
+        + "engine (bench) | app / engine | ideal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if off else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['steps']} | {WARMUP} | {r['app']:.2f}× | {r['app_denoise']:.2f}× | "
-            f"{r['engine']:.2f}× | {r['app'] / r['engine']:.2f} | {r['ideal']:.2f}× |"
+            + (f"{r['app_no_previews']:.2f}× | " if off else "")
+            + f"{r['engine']:.2f}× | {r['app'] / r['engine']:.2f} | {r['ideal']:.2f}× |"
         )
     return "\n".join(lines)
 
@@ -86,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launcher.bench --app", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=["image", "video", "audio"], help="built-in kinds to measure")
     p.add_argument("--repeats", type=int, default=5, help="Compare requests (and benchmark seeds) per model")
+    p.add_argument("--no-previews-too", action="store_true", help="also measure the app started with --preview-every 0")
     p.add_argument("--out", type=Path, default=Path("runs/app_bench"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     app = measure_app(args.models, args.repeats)
+    quiet = measure_app(args.models, args.repeats, ("--preview-every", "0")) if args.no_previews_too else None
     rows = []
     for kind in args.models:
         steps = app[kind]["steps"]
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine=engine["speedup"],
                 ideal=app[kind]["ideal"],
             )
+            | ({"app_no_previews": quiet[kind]["speedup"]} if quiet else {})
         )
     table = format_table(rows)
     print("\nThe app's Compare (median of the panel's speedups) against the engine benchmark, same settings:\n")

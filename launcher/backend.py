@@ -82,8 +82,10 @@ class Backend:
         *,
         peer_timeout_s: float = 30.0,
         heartbeat_stale_s: float = 10.0,
+        preview_every_s: float = PREVIEW_EVERY_S,
     ) -> None:
         self.topo = topo
+        self.preview_every_s = preview_every_s  # 0: no previews
         self.channel = channel
         self.models = models
         self.peer_timeout_s = peer_timeout_s
@@ -250,7 +252,8 @@ class Backend:
             final = done == steps
             if not final and now - last["progress"] < PROGRESS_EVERY_S:
                 return
-            want_preview = final or now - last["preview"] >= PREVIEW_EVERY_S
+            every = self.preview_every_s
+            want_preview = every > 0 and (final or now - last["preview"] >= every)
             last["progress"] = now
             if want_preview:
                 last["preview"] = now
