@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -45,14 +46,22 @@ log = logging.getLogger("launcher.bench")
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # baseline | parastep | batchstep
-    parallelism: int = 1  # degree or stride
+    kind: str  # baseline | parastep | batchstep | asyncdiff | cfg
+    parallelism: int = 1  # degree or stride (AsyncDiff: its stride, with 2 stages)
     all_cores: bool = False  # rank 0 alone with every core (peers wait)
     busy: bool = False  # every rank runs its own baseline at once: one rank's speed when all compute
 
     @property
     def on_all_ranks(self) -> bool:
         return (self.kind == "parastep" and self.parallelism > 1) or self.busy
+
+    @property
+    def group_ranks(self) -> int:
+        """Ranks 0..n-1 that run it on a group of their own (0: none): AsyncDiff's 2 stages + stride - 1, CFG's 2."""
+        return {"asyncdiff": 1 + self.parallelism, "cfg": 2}.get(self.kind, 0)
+
+    def runs_on(self, rank: int) -> bool:
+        return rank == 0 or self.on_all_ranks or rank < self.group_ranks
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,20 @@ def _config(method: Method, warmup: int) -> Any:
         return parastep.ParaStepConfig(warmup_steps=warmup, degree=method.parallelism)
     if method.kind == "batchstep":
         return parastep.BatchStepConfig(stride=method.parallelism, warmup_steps=warmup)
+    if method.kind == "asyncdiff":
+        return parastep.AsyncDiffConfig(stages=2, stride=method.parallelism, warmup_steps=warmup)
+    if method.kind == "cfg":
+        return parastep.CFGParallelConfig()
     return None
+
+
+def contestants(ranks: int) -> tuple[Method, ...]:
+    """AsyncDiff with 2 stages (stride 2 too where there are 3 ranks) and CFG-parallel."""
+    strides = [1, 2] if ranks >= 3 else [1]
+    return (
+        *(Method("asyncdiff-2" + ("-stride-2" if s == 2 else ""), "asyncdiff", s) for s in strides),
+        Method("cfg-parallel", "cfg"),
+    )
 
 
 def request_for(name: str, model: LoadedModel, steps: int, warmup: int, seed: int) -> GenerateRequest:
@@ -117,6 +139,13 @@ def request_for(name: str, model: LoadedModel, steps: int, warmup: int, seed: in
 
 def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _serve(rank, session, queue.put)
+
+
+def _serve(rank: int, session: Session, emit: Callable[[tuple[str, Any]], None]) -> None:
+    """One rank of a session (its process group from the environment's MASTER_ADDR/PORT): every
+    model, seed and method; rank 0 emits ``("run", Run)``, ``("hooks", ...)``, and every rank
+    ``("done", rank)`` or ``("error", text)``."""
     cores = (os.sched_getaffinity(0), core_share(rank, session.ranks))  # (all, this rank's), as the app pins
     if cores[1]:
         os.sched_setaffinity(0, cores[1])
@@ -131,6 +160,9 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
             )
         else:
             dist.init_process_group("gloo", rank=rank, world_size=session.ranks, timeout=timedelta(minutes=30))
+        # a method on fewer ranks than the session's gets ranks 0..n-1 as a group; every rank creates each
+        sizes = sorted({m.group_ranks for m in session.methods if 1 < m.group_ranks < session.ranks})
+        groups = {n: dist.new_group(list(range(n))) for n in sizes}
         models = load_models(list(session.builtins), list(session.extra), device)
         for name, model in models.items():
             warm = replace(request_for(name, model, session.steps, session.warmup, 0), steps=2)
@@ -139,18 +171,18 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
                 req = request_for(name, model, session.steps, session.warmup, seed)
                 for method in session.methods:
                     dist.barrier()
-                    if rank > 0 and not method.on_all_ranks:
-                        continue
-                    run = _run_one(rank, session, name, model, req, method, cores)
+                    if not method.runs_on(rank) or (method.kind == "cfg" and not (req.guidance_scale or 0) > 1):
+                        continue  # CFG-parallel needs a guidance batch: a model guided at <= 1 has none
+                    run = _run_one(rank, session, name, model, req, method, cores, groups.get(method.group_ranks))
                     if rank == 0:
-                        queue.put(("run", run))
+                        emit(("run", run))
             if rank == 0 and session.hook_pairs:
-                queue.put(("hooks", (name, _hook_cost(session, name, model))))
+                emit(("hooks", (name, _hook_cost(session, name, model))))
             dist.barrier()
         dist.barrier()
-        queue.put(("done", rank))
+        emit(("done", rank))
     except BaseException as exc:  # report, never leave the parent waiting
-        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        emit(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
         raise
     finally:
         if dist.is_initialized():
@@ -165,9 +197,10 @@ def _run_one(
     req: GenerateRequest,
     method: Method,
     cores: tuple[set[int], set[int]],
+    group: Any = None,
 ) -> Run | None:
     config = _config(method, session.warmup)
-    handle = parastep.apply(model.pipe, config) if config else None
+    handle = parastep.apply(model.pipe, config, group) if config else None
     if method.all_cores:
         os.sched_setaffinity(0, cores[0])
         torch.set_num_threads(session.all_cores)
@@ -185,6 +218,10 @@ def _run_one(
     if method.on_all_ranks and not method.busy:  # gather every rank's calls and bytes on rank 0
         gathered: list[Any] = [None] * session.ranks
         dist.all_gather_object(gathered, (calls[0], sent))
+        calls, sent = [c for c, _ in gathered], sum(b for _, b in gathered)
+    elif method.group_ranks:  # the same over the method's own ranks
+        gathered = [None] * method.group_ranks
+        dist.all_gather_object(gathered, (calls[0], sent), group=group)
         calls, sent = [c for c, _ in gathered], sum(b for _, b in gathered)
     if rank > 0:
         return None
@@ -332,6 +369,10 @@ def _ideal(method: Method, session: Session, runs: list[Run]) -> float:
         return 1.0
     if method.kind == "parastep":
         return parastep.ideal_speedup(session.steps, session.warmup, method.parallelism)
+    if method.kind == "asyncdiff":  # every step after warm-up costs 1/(stages*stride) of one, stages balanced
+        return session.steps / (session.warmup + (session.steps - session.warmup) / (2 * method.parallelism))
+    if method.kind == "cfg":  # every step costs a half batch, taken as half the time
+        return 2.0
     # BatchStep: T*t(1) / (W*t(1) + blocks*t(S)), t(S) the measured step holding a batched call of S
     # (-> S*t(1)/t(S), the batching limit, for long runs); t(1) from the degree-1 run's steps
     t1 = _computed_step_s(runs, "parastep-1", session.warmup)
@@ -366,7 +407,11 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
                     method=method.name,
                     steps=session.steps,
                     warmup=session.warmup,
-                    ranks=session.ranks if method.busy else method.parallelism if method.on_all_ranks else 1,
+                    ranks=session.ranks
+                    if method.busy
+                    else method.parallelism
+                    if method.on_all_ranks
+                    else method.group_ranks or 1,
                     backend=f"{session.backend}:{session.device}",
                     wall_median_s=med,
                     wall_min_s=min(walls),
@@ -525,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         Method("parastep-1", "parastep", 1),
         Method(f"parastep-{ranks}", "parastep", ranks),
         *(Method(f"batchstep-{s}", "batchstep", s) for s in args.strides),
+        *contestants(ranks),
     )
     seeds = tuple(range(args.seeds))
     main_session = Session(
@@ -548,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             Method(f"parastep-{ranks}", "parastep", ranks),
             Method(f"parastep-{stress_degree}", "parastep", stress_degree),
             Method(f"batchstep-{max(args.strides)}", "batchstep", max(args.strides)),
+            *contestants(max(ranks, stress_degree)),  # on 3 ranks: AsyncDiff-2 and CFG on a group of 2
         )
         stress_methods = tuple({m.name: m for m in stress_methods}.values())  # parastep-P once
         sessions.append(
