@@ -20,7 +20,10 @@ import argparse
 import json
 import logging
 import os
+import pickle
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +81,7 @@ class Session:
     all_cores: int
     hook_pairs: int = 0  # alternating baseline / degree-1 runs on rank 0: the hooks' cost
     device: str = "cpu"  # "cuda": rank r on cuda:r, NCCL; "cpu": gloo
+    guidance: float | None = None  # None: each model's own
 
     @property
     def backend(self) -> str:
@@ -120,15 +124,18 @@ def contestants(ranks: int) -> tuple[Method, ...]:
     )
 
 
-def request_for(name: str, model: LoadedModel, steps: int, warmup: int, seed: int) -> GenerateRequest:
-    """The request the benchmark measures: the model's first example prompt and its defaults."""
+def request_for(
+    name: str, model: LoadedModel, steps: int, warmup: int, seed: int, guidance: float | None = None
+) -> GenerateRequest:
+    """The request the benchmark measures: the model's first example prompt and its defaults
+    (``guidance``: another guidance scale)."""
     info = model.info
     return GenerateRequest(
         model=name,
         prompt=info.examples[0] if info.examples else "a red circle",
         steps=steps,
         warmup_steps=warmup,
-        guidance_scale=info.default_guidance,
+        guidance_scale=info.default_guidance if guidance is None else guidance,
         seed=seed,
         height=info.default_height,
         width=info.default_width,
@@ -165,14 +172,24 @@ def _serve(rank: int, session: Session, emit: Callable[[tuple[str, Any]], None])
         groups = {n: dist.new_group(list(range(n))) for n in sizes}
         models = load_models(list(session.builtins), list(session.extra), device)
         for name, model in models.items():
-            warm = replace(request_for(name, model, session.steps, session.warmup, 0), steps=2)
+            warm = replace(request_for(name, model, session.steps, session.warmup, 0, session.guidance), steps=2)
             call_pipeline(model, warm, latent_only=rank > 0)  # first-call costs stay out of the table
             for seed in session.seeds:
-                req = request_for(name, model, session.steps, session.warmup, seed)
+                req = request_for(name, model, session.steps, session.warmup, seed, session.guidance)
                 for method in session.methods:
                     dist.barrier()
-                    if not method.runs_on(rank) or (method.kind == "cfg" and not (req.guidance_scale or 0) > 1):
-                        continue  # CFG-parallel needs a guidance batch: a model guided at <= 1 has none
+                    if not method.runs_on(rank):
+                        continue
+                    if method.kind == "cfg" and not (req.guidance_scale or 0) > 1:
+                        if rank == 0 and seed == session.seeds[0]:
+                            emit(
+                                (
+                                    "note",
+                                    f"{name}: no {method.name} row: guidance {req.guidance_scale} has no "
+                                    "guidance batch; pass --guidance 3 (any value > 1) for one",
+                                )
+                            )
+                        continue
                     run = _run_one(rank, session, name, model, req, method, cores, groups.get(method.group_ranks))
                     if rank == 0:
                         emit(("run", run))
@@ -277,7 +294,7 @@ def _hook_cost(session: Session, name: str, model: LoadedModel) -> dict[str, Any
       a step costs only the pipeline, the scheduler and the hooks, so microseconds show;
       ``pct_of_step`` relates them to the real baseline's step time.
     """
-    req = request_for(name, model, session.steps, session.warmup, 0)
+    req = request_for(name, model, session.steps, session.warmup, 0, session.guidance)
     real = _pairs(model, req, session.hook_pairs)
     ratios = [h / b for b, h in real]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
@@ -331,6 +348,9 @@ def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
             if kind == "done":
                 done += 1
                 continue
+            if kind == "note":
+                print(f"[{session.label}] {value}", file=sys.stderr, flush=True)
+                continue
             if kind == "hooks":
                 session_hooks[value[0]] = value[1]
                 print(
@@ -352,10 +372,112 @@ def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    for run in runs:  # quality against the one-rank baseline of the same model and seed
+    _score(runs)
+    return runs, session_hooks
+
+
+def _score(runs: list[Run]) -> None:
+    """Each run's quality against the one-rank baseline of the same model and seed."""
+    for run in runs:
         ref = next(r for r in runs if r.model == run.model and r.seed == run.seed and r.method == "baseline-1rank")
         run.psnr, run.ssim = psnr(ref.media, run.media), ssim(ref.media, run.media)
-    return runs, session_hooks
+
+
+LINK_PORT = 29400  # the rendezvous port on node 0 (a namespace of its own: nothing else listens there)
+
+
+def link_rank(session_path: Path, out_path: Path) -> int:
+    """One rank of a ``--link`` session, as torchrun starts it on either node: its rank from
+    torchrun's RANK, its process group on torchrun's store; rank 0 writes what it measured to
+    ``out_path`` (a pickle read back by the process that started torchrun, on this machine)."""
+    raw = json.loads(session_path.read_text())
+    session = Session(
+        **{
+            **raw,
+            "seeds": tuple(raw["seeds"]),
+            "builtins": tuple(raw["builtins"]),
+            "extra": tuple(raw["extra"]),
+            "methods": tuple(Method(**m) for m in raw["methods"]),
+        }
+    )
+    rank = int(os.environ["RANK"])
+    events: list[tuple[str, Any]] = []
+    try:
+        _serve(rank, session, events.append)
+    finally:
+        if rank == 0:
+            with out_path.open("wb") as f:
+                pickle.dump(events, f)
+    return 0
+
+
+def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run], list[int]]:
+    """``session`` on two nodes joined by a link of ``rate``: one torchrun per node, multi-node
+    rendezvous. Returns rank 0's runs and the bytes each node sent over the link in all."""
+    from launcher import link
+
+    session_path, out_path = workdir / "session.json", workdir / f"runs-{rate}.pickle"
+    session_path.write_text(json.dumps(asdict(session)))
+    out_path.unlink(missing_ok=True)
+    procs: list[subprocess.Popen] = []
+    logs = [workdir / f"node{n}-{rate}.log" for n in range(2)]
+    with link.two_nodes(rate) as net:
+        try:
+            for node, addr in enumerate(link.ADDRESSES):
+                env = dict(os.environ, GLOO_SOCKET_IFNAME=link.INTERFACE, OMP_NUM_THREADS=str(session.threads))
+                env["PYTHONPATH"] = os.pathsep.join(
+                    [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+                )
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    "--nproc-per-node=1",
+                    "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={link.ADDRESSES[0]}:{LINK_PORT}",
+                    f"--rdzv-id=bench-{os.getpid()}",
+                    f"--local-addr={addr}",
+                    f"--rdzv-conf=is_host={int(node == 0)}",  # node 0 holds the store (its hostname resolves elsewhere)
+                    "--max-restarts=0",
+                    "-m",
+                    "launcher.bench",
+                    "--link-rank",
+                    str(session_path),
+                    str(out_path),
+                ]
+                with logs[node].open("w") as log_file:
+                    procs.append(
+                        subprocess.Popen(
+                            net.exec(node, cmd),
+                            env=env,
+                            stdout=log_file,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+            deadline = time.monotonic() + 3600
+            for proc in procs:
+                proc.wait(timeout=max(1, deadline - time.monotonic()))
+            carried = [net.sent_bytes(0), net.sent_bytes(1)]
+        finally:
+            for proc in procs:  # torchrun and its worker share the session this process gave them
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+    events = pickle.loads(out_path.read_bytes()) if out_path.exists() else []
+    errors = [v for k, v in events if k == "error"]
+    for note in (v for k, v in events if k == "note"):
+        print(f"[{session.label}] {note}", file=sys.stderr, flush=True)
+    if errors or any(p.returncode for p in procs) or not events:
+        tails = "\n".join(f"--- {path} ---\n{path.read_text()[-2000:]}" for path in logs)
+        raise RuntimeError(f"link {rate}: the ranks failed: {'; '.join(errors) or 'no result'}\n{tails}")
+    runs = [v for k, v in events if k == "run"]
+    _score(runs)
+    return runs, carried
 
 
 def _computed_step_s(runs: list[Run], method: str, warmup: int) -> list[float]:
@@ -525,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale for every method (default: each model's own; CFG-parallel needs > 1)",
+    )
+    p.add_argument(
         "--ranks",
         type=int,
         default=None,
@@ -546,11 +674,22 @@ def main(argv: list[str] | None = None) -> int:
         help="back-to-back (baseline, degree-1) pairs per model measuring the hooks' cost (0: skip)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument(
+        "--link",
+        nargs="+",
+        metavar="RATE",
+        help="run 2 ranks as two nodes (network namespaces, a veth pair limited to RATE each way, e.g. "
+        "10gbit 1gbit 100mbit; torchrun's multi-node rendezvous): baseline, ParaStep-2, AsyncDiff-2 and "
+        "CFG-parallel per rate. Needs root (CAP_NET_ADMIN)",
+    )
+    p.add_argument("--link-rank", nargs=2, type=Path, help=argparse.SUPPRESS)  # what torchrun starts per node
     args = p.parse_args(argv)
+    if args.link_rank:
+        return link_rank(*args.link_rank)
     cores, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
     device = args.device if args.device != "auto" else "cuda" if gpus >= 2 else "cpu"
     ranks = args.ranks or (gpus if device == "cuda" else cores)
-    if ranks < 2:
+    if ranks < 2 and not args.link:
         p.error("ParaStep needs at least 2 ranks: pass --ranks 2")
     if device == "cuda" and ranks > gpus:
         p.error(
@@ -562,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--warmup must be between 1 and --steps - 1 ({args.steps - 1}), got {args.warmup}")
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.link:
+        return _main_link(p, args, argv)
 
     methods = (
         Method("baseline-1rank", "baseline"),
@@ -586,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         cores,
         args.hook_pairs,
         device,
+        args.guidance,
     )
     sessions = [main_session]
     if stress_degree:
@@ -653,6 +795,65 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot(rows, args.out / "bench.png")
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+def _main_link(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    from launcher import link
+
+    if args.device == "cuda":
+        p.error("--link runs CPU ranks on gloo (one per namespace): leave --device out or pass --device cpu")
+    try:
+        for rate in args.link:
+            link.rate_bits(rate)
+    except link.LinkError as exc:
+        p.error(str(exc))
+    why = link.unavailable()
+    if why:
+        p.exit(2, f"python -m launcher.bench --link: {why}\n")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the namespaces are deleted
+    cores = len(os.sched_getaffinity(0))
+    methods = (Method("baseline-1rank", "baseline"), Method("parastep-2", "parastep", 2), *contestants(2))
+    session = Session(
+        "link",
+        2,
+        args.steps,
+        args.warmup,
+        tuple(range(args.seeds)),
+        methods,
+        tuple(args.models),
+        tuple(args.model),
+        max(1, cores // 2),
+        cores,
+        guidance=args.guidance,
+    )
+    rows: list[dict] = []
+    links: list[dict] = []
+    started = time.perf_counter()
+    for rate in args.link:
+        rated = replace(session, label=f"link-{rate}")
+        print(f"[link {rate}] two nodes, tbf {rate} each way, no added latency", file=sys.stderr, flush=True)
+        runs, carried = _link_session(rated, rate, args.out)
+        mine = summarise(rated, runs)
+        rows += mine
+        links.append(dict(rate=rate, bits_per_s=link.rate_bits(rate), sent_bytes=carried))
+        print(f"\nlink {rate} each way (tbf), two nodes, 1 rank each:\n{format_table(mine)}", flush=True)
+        print(f"the link carried {carried[0]:,} B from node 0 and {carried[1]:,} B from node 1 in all", flush=True)
+    (args.out / "link.json").write_text(
+        json.dumps(
+            dict(
+                command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
+                cores=cores,
+                threads_per_rank=session.threads,
+                seconds=time.perf_counter() - started,
+                links=links,
+                rows=rows,
+            ),
+            indent=2,
+            default=str,
+        )
+    )
+    print(f"\nwrote {args.out / 'link.json'}")
     return 0
 
 
