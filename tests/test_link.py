@@ -167,6 +167,7 @@ def test_app_across_two_nodes(tmp_path: Path) -> None:
             assert stats["method"]["method"] == "parastep" and len(calls) == 2 and min(calls) > 0, stats
             assert stats["method"]["bytes_communicated"] > 0
             assert net.sent_bytes(1) - before > 0  # node 1 answered over the link
+            print(f"\ntwo nodes: {json.dumps(stats)}; node 1 sent {net.sent_bytes(1) - before} B over the link")
         finally:
             for proc in procs:
                 if proc.poll() is None:
