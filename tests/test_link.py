@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,8 @@ def test_rates_are_checked() -> None:
             link.rate_bits(bad)
 
 
+@pytest.mark.slow  # the benchmark as a subprocess
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) drops the capability")
 def test_without_net_admin_the_command_says_why(tmp_path: Path) -> None:
     cmd = ["setpriv", "--inh-caps=-net_admin,-sys_admin", "--bounding-set=-net_admin,-sys_admin"]
     cmd += [sys.executable, "-m", "launcher.bench", "--link", "10mbit", "--out", str(tmp_path)]
