@@ -833,7 +833,11 @@ def _main_link(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     for rate in args.link:
         rated = replace(session, label=f"link-{rate}")
         print(f"[link {rate}] two nodes, tbf {rate} each way, no added latency", file=sys.stderr, flush=True)
-        runs, carried = _link_session(rated, rate, args.out)
+        try:
+            runs, carried = _link_session(rated, rate, args.out)
+        except KeyboardInterrupt:
+            print("interrupted: the ranks are stopped and the namespaces removed", file=sys.stderr)
+            return 130
         mine = summarise(rated, runs)
         rows += mine
         links.append(dict(rate=rate, bits_per_s=link.rate_bits(rate), sent_bytes=carried))

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,36 @@ def test_bench_over_two_rates(tmp_path: Path) -> None:
     # 10mbit is slow enough to cost AsyncDiff its megabits: slower than at 1gbit
     slow, fast = rows["link-10mbit", "asyncdiff-2"], rows["link-1gbit", "asyncdiff-2"]
     assert slow["wall_median_s"] > fast["wall_median_s"] + 0.5 * 8 * slow["bytes_per_call"] / 10e6 / 2
+
+
+@pytest.mark.slow  # the benchmark as a subprocess
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_bench_interrupted_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    model = save_tiny_sd(tmp_path)
+    cmd = [sys.executable, "-m", "launcher.bench", "--models", "--model", str(model), "--steps", "40"]
+    cmd += ["--warmup", "2", "--seeds", "20", "--out", str(tmp_path / "out"), "--link", "1mbit"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    tag = f"parastep-{proc.pid}-"
+    deadline = time.monotonic() + 120
+    while len(_namespaces(tag)) < 2 or not _rank_pids(tag):  # the ranks run in the namespaces
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    ranks = _rank_pids(tag)
+    time.sleep(3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], stderr[-3000:]
+    assert _namespaces(tag) == []
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "a rank outlived the benchmark"
+
+
+def _rank_pids(tag: str) -> list[int]:
+    """Processes inside the namespaces whose names start with ``tag``."""
+    pids = []
+    for ns in _namespaces(tag):
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    return pids
 
 
 CLIENT_APP = """
