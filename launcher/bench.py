@@ -2,16 +2,24 @@
 
     python -m launcher.bench                       # built-in image, video and audio models
     python -m launcher.bench --models image --steps 50 --warmup 5 --seeds 3 --model <diffusers id>
+    python -m launcher.bench --models image --guidance 3 --link 10gbit 1gbit 100mbit   # two nodes, a slow link
 
 For each model, in one session of P ranks (one model replica each): one rank per GPU on
 NCCL (rank r on cuda:r) when the machine has two GPUs or more, else CPU ranks on gloo with the
 cores split between them (``--device`` chooses; the table's backend column says which),
 interleaved seed by seed so drift hits every method alike: the baseline on one rank, the
 baseline in one process using all cores, ParaStep with degree 1, ParaStep on P ranks, and
-BatchStep with each stride on one rank; then back-to-back pairs of the baseline and ParaStep
-degree 1 measure the hooks' cost. A stress session (fewer steps, more ranks than cores; on
+BatchStep with each stride on one rank, AsyncDiff with 2 stages (and stride 2 where there are 3
+ranks) and CFG-parallel (at a guidance > 1; pass --guidance where a model's own is 1), each on
+ranks 0..n-1 (a group of their own when the session has more); then back-to-back pairs of the
+baseline and ParaStep degree 1 measure the hooks' cost. A stress session (fewer steps, more ranks than cores; on
 GPUs at most one rank per GPU) reports where the methods' quality differs. Prints a table,
 writes JSON and a PNG plot.
+
+``--link RATE ...`` runs instead, per rate, two CPU ranks as two nodes (:mod:`launcher.link`:
+network namespaces joined by a veth pair, tbf-limited to RATE each way) started by torchrun's
+multi-node rendezvous: the baseline, ParaStep-2, AsyncDiff-2 and CFG-parallel, one table per
+rate, and the bytes the link carried. Needs root (CAP_NET_ADMIN).
 """
 
 from __future__ import annotations
