@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import link
+from launcher import link, topology
 from tests.tiny_pipelines import save_tiny_sd
 
 WHY = link.unavailable()
@@ -68,6 +68,15 @@ def test_rate_limits_each_direction_and_namespaces_go_away() -> None:
             assert net.sent_bytes(src) - before >= n  # it went over the veth pair
         raise KeyboardInterrupt  # as Ctrl-C would: the namespaces still go
     assert _namespaces(tag) == []
+
+
+def test_route_interface() -> None:
+    assert topology.route_interface("127.0.0.1") == "lo"
+    assert topology.route_interface("no-such-host.invalid") is None
+    with link.two_nodes(None) as net:  # inside node 1: the veth end, for the other node and its own address
+        code = "from launcher.topology import route_interface as r; print(r('10.77.0.1'), r('10.77.0.2'))"
+        out = subprocess.run(net.exec(1, [sys.executable, "-c", code]), capture_output=True, text=True, cwd=ROOT)
+        assert out.stdout.split() == [link.INTERFACE, link.INTERFACE], out.stderr[-2000:]
 
 
 def test_rates_are_checked() -> None:
@@ -170,7 +179,8 @@ print(json.dumps(json.loads(value) if isinstance(value, str) else value))
 
 @pytest.mark.slow  # two app processes under torchrun, one in each namespace
 def test_app_across_two_nodes(tmp_path: Path) -> None:
-    env = {"PARASTEP_CONTROL_TOKEN": secrets.token_hex(32), "GLOO_SOCKET_IFNAME": link.INTERFACE}
+    # no GLOO_SOCKET_IFNAME: the app picks the interface that reaches node 0 (here the veth pair)
+    env = {"PARASTEP_CONTROL_TOKEN": secrets.token_hex(32)}
     env |= {"GRADIO_SERVER_PORT": "7860", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen] = []
     with link.two_nodes("1gbit") as net:
@@ -201,6 +211,11 @@ def test_app_across_two_nodes(tmp_path: Path) -> None:
             assert stats["method"]["method"] == "parastep" and len(calls) == 2 and min(calls) > 0, stats
             assert stats["method"]["bytes_communicated"] > 0
             assert net.sent_bytes(1) - before > 0  # node 1 answered over the link
+            for n in range(2):
+                assert (
+                    f"gloo on {link.INTERFACE}, the interface that reaches {link.ADDRESSES[0]}"
+                    in (tmp_path / f"node{n}.log").read_text()
+                )
             print(f"\ntwo nodes: {json.dumps(stats)}; node 1 sent {net.sent_bytes(1) - before} B over the link")
         finally:
             for proc in procs:
