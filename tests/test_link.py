@@ -116,10 +116,10 @@ def test_bench_over_two_rates(tmp_path: Path) -> None:
         assert mine["parastep-2"]["model_calls_per_rank"] == "5/5" and mine["asyncdiff-2"]["ranks"] == 2
         assert mine["asyncdiff-2"]["bytes_per_call"] > mine["parastep-2"]["bytes_per_call"] > 0
         assert mine["cfg-parallel"]["psnr_db"] > 100 and 10 < mine["parastep-2"]["psnr_db"]
-    for rate in ("1gbit", "10mbit"):  # the same bytes whatever the rate
-        assert (
-            rows[f"link-{rate}", "asyncdiff-2"]["bytes_per_call"] == rows["link-1gbit", "asyncdiff-2"]["bytes_per_call"]
-        )
+    # the same messages whatever the rate (AsyncDiff cuts its stages by measured block time, so its
+    # bytes may differ from run to run on a model this small)
+    for m in ("parastep-2", "cfg-parallel"):
+        assert rows["link-10mbit", m]["bytes_per_call"] == rows["link-1gbit", m]["bytes_per_call"]
     links = {entry["rate"]: entry for entry in result["links"]}
     sent = sum(rows["link-10mbit", m]["bytes_per_call"] for m in methods)
     assert sum(links["10mbit"]["sent_bytes"]) >= sent  # every message crossed the veth pair
