@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parastep
+from launcher.methods import SPARSETEM_ERROR_TARGET
 from launcher.models import LoadedModel, call_pipeline, extract_media, load_models
 from launcher.quality import psnr, ssim
 from launcher.request import GenerateRequest
@@ -61,6 +62,7 @@ class Method:
     parallelism: int = 1  # degree or stride (AsyncDiff: its stride, with 2 stages)
     all_cores: bool = False  # rank 0 alone with every core (peers wait)
     busy: bool = False  # every rank runs its own baseline at once: one rank's speed when all compute
+    sparsetem: bool = False  # SparseTem inside each rank's call (models with a frame-by-frame part only)
 
     @property
     def on_all_ranks(self) -> bool:
@@ -109,9 +111,17 @@ class Run:
     media: Any = None  # rank 0's decoded output, for quality against the baseline
     psnr: float = float("nan")
     ssim: float = float("nan")
+    skipped_work: float | None = None  # SparseTem: the fraction of its layers' multiply-adds skipped
 
 
 def _config(method: Method, warmup: int) -> Any:
+    config = _method_config(method, warmup)
+    if not method.sparsetem:
+        return config
+    return [parastep.SparseTemConfig(error_target=SPARSETEM_ERROR_TARGET), *([config] if config else [])]
+
+
+def _method_config(method: Method, warmup: int) -> Any:
     if method.kind == "parastep":
         return parastep.ParaStepConfig(warmup_steps=warmup, degree=method.parallelism)
     if method.kind == "batchstep":
@@ -198,6 +208,8 @@ def _serve(rank: int, session: Session, emit: Callable[[tuple[str, Any]], None])
                                 )
                             )
                         continue
+                    if method.sparsetem and not model.info.sparsetem_parts:
+                        continue  # SparseTem rows are for models with a frame-by-frame part
                     run = _run_one(rank, session, name, model, req, method, cores, groups.get(method.group_ranks))
                     if rank == 0:
                         emit(("run", run))
@@ -238,6 +250,7 @@ def _run_one(
         if handle:
             handle.remove()
     stats = handle.last_stats if handle else None
+    skipped = parastep.SparseTemStats.of(handle).skipped_work if handle and method.sparsetem else None
     calls: list[int] = [stats.model_calls] if stats else [req.steps or 0]
     sent = stats.bytes_sent if stats else 0
     if method.on_all_ranks and not method.busy:  # gather every rank's calls and bytes on rank 0
@@ -261,6 +274,7 @@ def _run_one(
         [asdict(r) for r in stats.records] if stats else [],
     )
     run.media = extract_media(out, model.info.modality)
+    run.skipped_work = skipped
     return run
 
 
@@ -555,6 +569,7 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
                     psnr_db=statistics.median(finite) if finite else float("inf"),
                     ssim=statistics.median(r.ssim for r in rs),
                     time_split=_time_split(rs, session.warmup) if method.kind == "parastep" else None,
+                    skipped_work=statistics.median(r.skipped_work or 0.0 for r in rs) if method.sparsetem else None,
                     # ParaStep's ceiling on this machine: the ideal, slowed as one rank slows when all compute
                     busy_ceiling=ideal * base1 / statistics.median(busy)
                     if busy and method.on_all_ranks and not method.busy
@@ -725,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         Method(f"parastep-{ranks}", "parastep", ranks),
         *(Method(f"batchstep-{s}", "batchstep", s) for s in args.strides),
         *contestants(ranks),
+        Method("sparsetem", "baseline", sparsetem=True),
+        Method(f"sparsetem+parastep-{ranks}", "parastep", ranks, sparsetem=True),
     )
     seeds = tuple(range(args.seeds))
     main_session = Session(
@@ -778,6 +795,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ideal_speedup'] / r['busy_ceiling']:.2f}x slower while every rank computes (baseline-busy), "
                 f"so its ceiling here is {r['busy_ceiling']:.2f}x; measured {r['speedup_vs_1rank']:.2f}x = "
                 f"{r['speedup_vs_1rank'] / r['busy_ceiling']:.2f} of it"
+            )
+    for r in rows:
+        if r.get("skipped_work") is not None:
+            print(
+                f"\n{r['session']} {r['model']} {r['method']}: SparseTem skipped {r['skipped_work']:.1%} of its "
+                f"layers' multiply-adds (median); {r['speedup_vs_1rank']:.2f}x the dense baseline at "
+                f"PSNR {r['psnr_db']:.1f} dB"
             )
     print(
         f"\nhook cost with nothing to parallelise (ParaStep degree 1 / baseline, {args.hook_pairs} "

@@ -144,3 +144,19 @@ def _check_contestants(main: dict, stress: dict) -> None:
     assert stress["asyncdiff-2-stride-2"]["ranks"] == 3
     assert len(stress["asyncdiff-2-stride-2"]["model_calls_per_rank"].split("/")) == 3
     assert stress["asyncdiff-2-stride-2"]["bytes_per_call"] > 0
+
+
+def test_bench_sparsetem_rows_on_the_video_model_only(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "launcher.bench", "--models", "image", "video", "--steps", "4", "--warmup", "1"]
+    cmd += ["--seeds", "1", "--ranks", "2", "--device", "cpu", "--strides", "--stress-degree", "0"]
+    cmd += ["--hook-pairs", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    sparse = {(r["model"], r["method"]): r for r in rows if r["method"].startswith("sparsetem")}
+    assert set(sparse) == {("built-in video", "sparsetem"), ("built-in video", "sparsetem+parastep-2")}
+    for (_, method), row in sparse.items():
+        assert 0 <= row["skipped_work"] <= 1 and row["wall_median_s"] > 0
+        assert row["model_calls_per_rank"].count("/") == (1 if method.endswith("parastep-2") else 0)
+        assert f"built-in video {method}: SparseTem skipped" in proc.stdout
