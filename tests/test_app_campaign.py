@@ -35,6 +35,7 @@ BAD = {
     "seed": [*WRONG_TYPES, -1, 2**32, 0.5],
     "height": [*WRONG_TYPES, 0, 31, 64, 4096],
     "width": [*WRONG_TYPES, 0, 33, 64, 4096],
+    "sparsetem": [1, 0, "yes", [True], None],
 }
 LABELS = {
     "prompt": "prompt",
@@ -46,6 +47,7 @@ LABELS = {
     "seed": "Seed",
     "height": "Height",
     "width": "Width",
+    "sparsetem": "SparseTem",
 }
 
 
@@ -63,13 +65,29 @@ def malformed() -> list[tuple[str, dict, str]]:
         cases.append((endpoint, {**GOOD, "method": "warp"}, "Unknown method 'warp': choose one of"))
         cases.append((endpoint, {**GOOD, "method": "batchstep", "warmup_steps": 0}, "BatchStep needs at least 1"))
     cases.append(("/compare", {**GOOD, "method": "baseline"}, "Compare runs the baseline against"))
+    cases.append(("/compare", {**GOOD, "sparsetem": True}, "no frame-by-frame part"))  # the image model
+    race = {k: v for k, v in GOOD.items() if k != "method"}
+    for methods, expected in (
+        ("parastep", "Methods must be a list"),
+        ([], "Methods must be a list"),
+        (["parastep", "warp"], "Unknown method"),
+        ([1], "Unknown method"),
+        (["cfg"], "CFG-parallel: CFG-parallel splits the guidance batch"),  # at guidance 1
+        (["baseline", "asyncdiff"], None),  # checked below with warm-up 0: names AsyncDiff
+    ):
+        if expected is None:
+            cases.append(("/race", {**race, "methods": methods, "warmup_steps": 0}, "AsyncDiff needs at least 1"))
+        else:
+            cases.append(("/race", {**race, "methods": methods, "guidance_scale": 1.0}, expected))
+    for field in ("steps", "seed", "height", "sparsetem"):
+        cases.append(("/race", {**race, "methods": ["parastep"], field: BAD[field][2]}, LABELS[field]))
     return cases
 
 
 ORDER = ["prompt", "model", "negative_prompt", "method", "warmup_steps", "stride", "steps", "guidance_scale", "seed"]
-ORDER += ["height", "width", "num_frames", "duration_s"]
+ORDER += ["height", "width", "num_frames", "duration_s", "sparsetem"]
 DEFAULTS = {"negative_prompt": "", "stride": 2, "guidance_scale": None, "height": None, "width": None}
-DEFAULTS |= {"num_frames": None, "duration_s": None}
+DEFAULTS |= {"num_frames": None, "duration_s": None, "sparsetem": False}
 
 
 def raw_call(url: str, endpoint: str, request: dict) -> str:
@@ -117,8 +135,9 @@ def test_hundreds_of_malformed_requests_get_a_message_naming_the_field(client: C
         except Exception as exc:  # anything but a clean refusal is a crash of some kind
             failures.append(f"{endpoint} {request}: {type(exc).__name__}: {exc}")
     # a wrong number of inputs, positionally
-    for count in (14, 15):  # fewer take the defaults of the parameters left out
-        values = [PROMPT, "built-in image", "", "parastep", 2, 2, 6, None, 1, None, None, None, None, 7, 8][:count]
+    for count in (15, 16):  # fewer take the defaults of the parameters left out
+        values = [PROMPT, "built-in image", "", "parastep", 2, 2, 6, None, 1, None, None, None, None, False, 7, 8]
+        values = values[:count]
         with pytest.raises((AppError, TypeError, ValueError)) as err:
             client.predict(*values, api_name="/generate")
         assert "input" in str(err.value) or "argument" in str(err.value), err.value
