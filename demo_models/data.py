@@ -6,6 +6,8 @@ held-out prompts and checker templates are reproducible.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .vocab import PALETTE
@@ -23,6 +25,7 @@ F_MIN = 40.0
 F_MAX = 8000.0
 DB_FLOOR = -80.0  # log-mel range mapped to [-1, 1]
 DB_REF = 1000.0  # mel power mapped to 0 dB, above the loudest training tone
+GRIFFIN_LIM_ITERS = 16  # with momentum 0.99; see assets/audio/README.md
 
 _SUPERSAMPLE = 4
 SHAPE_HALF_SIZE = {"small": 4.0, "large": 7.5}
@@ -139,10 +142,13 @@ def synth_tone(attrs: dict[str, str], rng: np.random.Generator | None = None) ->
     return (gain * wave * env * fade).astype(np.float32)
 
 
-def _mel_basis() -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def _mel_pseudo_inverse() -> np.ndarray:
+    """Pseudo-inverse of librosa's mel filter bank: mel power → linear-frequency power."""
     import librosa
 
-    return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=F_MIN, fmax=F_MAX)
+    basis = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=F_MIN, fmax=F_MAX)
+    return np.linalg.pinv(basis.astype(np.float64))
 
 
 def audio_to_mel(wave: np.ndarray) -> np.ndarray:
@@ -164,8 +170,13 @@ def audio_to_mel(wave: np.ndarray) -> np.ndarray:
     return (db / -DB_FLOOR * 2 + 1).astype(np.float32)
 
 
-def mel_to_audio(mel: np.ndarray, n_iter: int = 32, length: int | None = None) -> np.ndarray:
-    """Inverse of :func:`audio_to_mel` by librosa's mel inversion + Griffin-Lim; returns float32."""
+def mel_to_audio(mel: np.ndarray, n_iter: int = GRIFFIN_LIM_ITERS, length: int | None = None) -> np.ndarray:
+    """Inverse of :func:`audio_to_mel`: mel pseudo-inverse, then librosa's fast Griffin-Lim.
+
+    Deterministic: the same ``mel`` gives the same waveform bit for bit (fixed phase seed).
+    The pseudo-inverse replaces librosa's ``mel_to_stft`` (a non-negative least-squares
+    solve, 1–4 s per clip here) at no measured cost to the checkers; see assets/audio/README.md.
+    """
     import librosa
 
     db = (np.clip(mel, -1.0, 1.0) - 1) / 2 * -DB_FLOOR
@@ -176,15 +187,14 @@ def mel_to_audio(mel: np.ndarray, n_iter: int = 32, length: int | None = None) -
     frames = 1 + n // HOP_LENGTH
     if power.shape[-1] < frames:
         power = np.pad(power, ((0, 0), (0, frames - power.shape[-1])), mode="edge")
-    magnitude = librosa.feature.inverse.mel_to_stft(
-        power, sr=SAMPLE_RATE, n_fft=N_FFT, power=2.0, fmin=F_MIN, fmax=F_MAX
-    )
+    magnitude = np.sqrt(np.maximum(_mel_pseudo_inverse() @ power, 0.0))
     wave = librosa.griffinlim(
         magnitude,
         n_iter=n_iter,
         hop_length=HOP_LENGTH,
         n_fft=N_FFT,
         length=n,
+        momentum=0.99,
         random_state=0,
     )
     return np.clip(wave, -1.0, 1.0).astype(np.float32)

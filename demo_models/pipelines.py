@@ -319,7 +319,7 @@ class TonesAudioPipeline(_AttributeDiffusionPipeline):
 
     modality = "audio"
     sample_rate = data.SAMPLE_RATE
-    griffin_lim_iters = 32
+    griffin_lim_iters = data.GRIFFIN_LIM_ITERS
 
     def _latent_shape(self, batch: int, audio_length_in_s: float | None = None, **_: Any) -> tuple[int, ...]:
         length = data.AUDIO_SECONDS if audio_length_in_s is None else float(audio_length_in_s)

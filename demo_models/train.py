@@ -42,7 +42,7 @@ SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
     prediction_type="v_prediction",
-    clip_sample=True,
+    clip_sample=False,
     timestep_spacing="trailing",
     set_alpha_to_one=False,
 )
