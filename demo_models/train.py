@@ -1,11 +1,16 @@
 """Train a built-in demo model on procedurally generated data and save it under ``assets/<kind>``.
 
     python -m demo_models.train image            # the shipped recipe (fixed seed)
+    python -m demo_models.train image --resume   # continue an interrupted run, same result
     python -m demo_models.train audio --steps 200 --out /tmp/probe   # a quick probe
 
 Recipe: pixel/mel space, cosine noise schedule, AdamW with warm-up and cosine decay, EMA of
-the weights, attribute dropout (each slot 20 %, whole prompt 10 %) so partial and empty
-prompts and classifier-free guidance work. Image and video predict the clean sample (x0),
+the weights, attribute dropout (each slot 20 %, whole prompt 10 %: every token 0, which is
+what the pipelines feed the unconditional branch for the empty negative prompt) so partial and
+empty prompts and classifier-free guidance work. The DDIM scheduler does not clip: diffusers
+clips the predicted x0 but derives the step's noise from the unclipped one, so a guided x0
+beyond ±1 moved the sample the wrong way (0/24 image prompts right at guidance 3).
+Image and video predict the clean sample (x0),
 which keeps flat colours free of residual noise; the image loss weights each timestep by
 1 + min(SNR, 5) so the low-noise steps that draw edges count. Video trains one random frame
 per example (the denoiser works frame by frame). Audio predicts v.
