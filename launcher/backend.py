@@ -112,14 +112,19 @@ class Backend:
         return {name: m.info for name, m in self.models.items()}
 
     def status(self) -> dict[str, Any]:
-        ranks = [{"rank": 0, "where": f"{socket.gethostname()}:{os.getpid()}", "state": "busy" if self._busy else "ok"}]
+        ranks: list[dict[str, str | int]] = [
+            {"rank": 0, "where": f"{socket.gethostname()}:{os.getpid()}", "state": "busy" if self._busy else "ok"}
+        ]
         if self.group is not None:
             ranks += self.group.rank_states()
+        group = self.group
         return {
+            "world_generation": group.gen if group else 0,
+            "events": group.events if group else [],
             "world_size": self.topo.world_size,
             "backend": self.topo.backend,
             "device": str(self.topo.device),
-            "parastep_group": list(self.group.members) if self.group else [],
+            "parastep_world": list(group.members) if group else [],
             "queued": self._jobs.qsize(),
             "ranks": ranks,
         }
@@ -132,7 +137,7 @@ class Backend:
     def submit(self, req: GenerateRequest, compare: bool = False) -> Job:
         """Validate (raises InputError) and queue; the job's events say when it starts."""
         req = self.validate(req, compare)
-        job = Job(req, compare, self.models[req.model].prompt_warnings(req.prompt))
+        job = Job(req, compare, self.models[req.model].prompt_warnings(req.prompt) + req.quality_warnings())
         ahead = self._jobs.qsize() + (1 if self._busy else 0)
         try:
             self._jobs.put_nowait(job)
@@ -144,14 +149,14 @@ class Backend:
 
     # ---- the coordinator thread -----------------------------------------------------
     def _serve(self) -> None:
+        self.topo.bind_device()  # CUDA's current device is per thread
         while not self._stop.is_set():
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                job = None
             if job is None:
-                if self.group is not None and self.group.peers and not self._stop.is_set():
-                    try:
-                        self.group.ensure()
-                    except RunError as exc:
-                        log.warning("%s", exc)
+                self._keep_world()
                 continue
             if job.cancelled.is_set():
                 continue
@@ -166,8 +171,24 @@ class Backend:
             finally:
                 self._busy = False
 
+    def _keep_world(self) -> None:
+        """Between requests: respawn dead peers and rebuild the world when its members changed,
+        so that ParaStep is ready before the next request needs it."""
+        group = self.group
+        if group is None or not group.peers or self._stop.is_set():
+            return
+        group.heal()
+        if group.members and (group.dirty or tuple([0, *group.healthy()]) != group.members):
+            try:
+                group.ensure()
+            except RunError as exc:
+                log.info("%s", exc)
+        group.rest()
+
     def _run_job(self, job: Job) -> RunOutput | CompareOutput:
         req = job.request
+        if req.method == "parastep" and self.group is not None:
+            self.group.ensure()  # a request that needs a missing peer fails before any work
         if not job.compare:
             return self._run(job, req.method)
         base = self._run(job, "baseline")
@@ -271,14 +292,14 @@ class Backend:
         group.channel.post(PeerRun(run_id, group.gen, members, req, self.peer_timeout_s))
         handle = None
         try:
-            config = parastep.ParaStepConfig(
-                warmup_steps=req.warmup_steps, degree=len(members), timeout_s=self.peer_timeout_s
-            )
-            handle = parastep.apply(model.pipe, config, group=group.group)
+            config = parastep.ParaStepConfig(warmup_steps=req.warmup_steps, timeout_s=self.peer_timeout_s)
+            handle = parastep.apply(model.pipe, config)  # over the generation's world
             out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step, timing=timing)
             stats0 = handle.last_stats
         except Exception as exc:
-            raise RunError(group.explain(exc, members)) from exc
+            message = group.explain(exc, members)
+            group.abandon(run_id, members)
+            raise RunError(message) from exc
         finally:
             if handle is not None:
                 handle.remove()

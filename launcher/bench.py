@@ -3,12 +3,14 @@
     python -m launcher.bench                       # built-in image, video and audio models
     python -m launcher.bench --models image --steps 50 --warmup 5 --seeds 3 --model <diffusers id>
 
-For each model, in one session of P gloo ranks (one model replica each, the cores split
-between them), interleaved seed by seed so drift hits every method alike: the baseline on one
-rank, the baseline in one process using all cores, ParaStep with degree 1, ParaStep on P
-ranks, and BatchStep with each stride on one rank; then back-to-back pairs of the baseline and
-ParaStep degree 1 measure the hooks' cost. A stress session (fewer
-steps, more ranks than cores) reports where the methods' quality differs. Prints a table,
+For each model, in one session of P ranks (one model replica each): one rank per GPU on
+NCCL (rank r on cuda:r) when the machine has two GPUs or more, else CPU ranks on gloo with the
+cores split between them (``--device`` chooses; the table's backend column says which),
+interleaved seed by seed so drift hits every method alike: the baseline on one rank, the
+baseline in one process using all cores, ParaStep with degree 1, ParaStep on P ranks, and
+BatchStep with each stride on one rank; then back-to-back pairs of the baseline and ParaStep
+degree 1 measure the hooks' cost. A stress session (fewer steps, more ranks than cores; on
+GPUs at most one rank per GPU) reports where the methods' quality differs. Prints a table,
 writes JSON and a PNG plot.
 """
 
@@ -66,6 +68,11 @@ class Session:
     threads: int
     all_cores: int
     hook_pairs: int = 0  # alternating baseline / degree-1 runs on rank 0: the hooks' cost
+    device: str = "cpu"  # "cuda": rank r on cuda:r, NCCL; "cpu": gloo
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device == "cuda" else "gloo"
 
 
 @dataclass
@@ -116,8 +123,15 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
     torch.set_num_threads(session.threads)
     logging.basicConfig(level=logging.WARNING)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=session.ranks, timeout=timedelta(minutes=30))
-        models = load_models(list(session.builtins), list(session.extra), torch.device("cpu"))
+        device = torch.device(session.device, rank) if session.device == "cuda" else torch.device("cpu")
+        if device.type == "cuda":  # one GPU per rank, bound before NCCL sees it (no duplicate GPU)
+            torch.cuda.set_device(device)
+            dist.init_process_group(
+                "nccl", rank=rank, world_size=session.ranks, timeout=timedelta(minutes=30), device_id=device
+            )
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=session.ranks, timeout=timedelta(minutes=30))
+        models = load_models(list(session.builtins), list(session.extra), device)
         for name, model in models.items():
             warm = replace(request_for(name, model, session.steps, session.warmup, 0), steps=2)
             call_pipeline(model, warm, latent_only=rank > 0)  # first-call costs stay out of the table
@@ -190,8 +204,15 @@ def _run_one(
 
 def _latent_seconds(model: LoadedModel, req: GenerateRequest, config: Any = None) -> float:
     handle = parastep.apply(model.pipe, config) if config else None
+    cuda = model.pipe.device.type == "cuda"
     try:
-        return call_pipeline(model, req, latent_only=True)[1]
+        if not cuda:
+            return call_pipeline(model, req, latent_only=True)[1]
+        torch.cuda.synchronize()  # latents only: nothing else waits for the device
+        start = time.perf_counter()
+        call_pipeline(model, req, latent_only=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
     finally:
         if handle:
             handle.remove()
@@ -346,6 +367,7 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
                     steps=session.steps,
                     warmup=session.warmup,
                     ranks=session.ranks if method.busy else method.parallelism if method.on_all_ranks else 1,
+                    backend=f"{session.backend}:{session.device}",
                     wall_median_s=med,
                     wall_min_s=min(walls),
                     wall_max_s=max(walls),
@@ -382,6 +404,7 @@ def format_table(rows: list[dict]) -> str:
         "model",
         "method",
         "ranks",
+        "backend:device",
         "wall s med [min-max]",
         "x 1rank",
         "x allcores",
@@ -404,6 +427,7 @@ def format_table(rows: list[dict]) -> str:
                 r["model"],
                 r["method"],
                 str(r["ranks"]),
+                r["backend"],
                 f"{r['wall_median_s']:.2f} [{r['wall_min_s']:.2f}-{r['wall_max_s']:.2f}]",
                 f(r["speedup_vs_1rank"], ".2f"),
                 f(r["speedup_vs_allcores"], ".2f"),
@@ -461,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="ParaStep degree (default: all ranks this machine supports: GPUs, else cores)",
     )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="cuda: one rank per GPU on NCCL; cpu: CPU ranks on gloo; auto: cuda with two GPUs or more",
+    )
     p.add_argument("--strides", type=int, nargs="*", default=[2, 4])
     p.add_argument("--stress-steps", type=int, default=20)
     p.add_argument("--stress-degree", type=int, default=4, help="ranks of the stress session (0: skip it)")
@@ -472,10 +502,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
-    cores = len(os.sched_getaffinity(0))
-    ranks = args.ranks or (torch.cuda.device_count() or cores)
+    cores, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
+    device = args.device if args.device != "auto" else "cuda" if gpus >= 2 else "cpu"
+    ranks = args.ranks or (gpus if device == "cuda" else cores)
     if ranks < 2:
         p.error("ParaStep needs at least 2 ranks: pass --ranks 2")
+    if device == "cuda" and ranks > gpus:
+        p.error(
+            f"one rank per GPU on NCCL: {ranks} ranks need {ranks} GPUs, this machine has {gpus}; "
+            "lower --ranks or pass --device cpu"
+        )
+    stress_degree = min(args.stress_degree, gpus) if device == "cuda" else args.stress_degree
     if not 0 < args.warmup < args.steps:
         p.error(f"--warmup must be between 1 and --steps - 1 ({args.steps - 1}), got {args.warmup}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -502,20 +539,22 @@ def main(argv: list[str] | None = None) -> int:
         max(1, cores // ranks),
         cores,
         args.hook_pairs,
+        device,
     )
     sessions = [main_session]
-    if args.stress_degree:
-        stress_methods = (
+    if stress_degree:
+        stress_methods: tuple[Method, ...] = (
             Method("baseline-1rank", "baseline"),
             Method(f"parastep-{ranks}", "parastep", ranks),
-            Method(f"parastep-{args.stress_degree}", "parastep", args.stress_degree),
+            Method(f"parastep-{stress_degree}", "parastep", stress_degree),
             Method(f"batchstep-{max(args.strides)}", "batchstep", max(args.strides)),
         )
+        stress_methods = tuple({m.name: m for m in stress_methods}.values())  # parastep-P once
         sessions.append(
             replace(
                 main_session,
                 label="stress",
-                ranks=max(ranks, args.stress_degree),
+                ranks=max(ranks, stress_degree),
                 steps=args.stress_steps,
                 methods=stress_methods,
                 threads=1,
@@ -554,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
                 command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
                 cores=cores,
                 ranks=ranks,
+                backend=main_session.backend,
+                device=device,
+                gpus=gpus,
                 seconds=time.perf_counter() - started,
                 rows=rows,
                 hook_cost=hooks,

@@ -1,14 +1,13 @@
-"""The serve loop of a peer rank: wait for messages from rank 0, run ParaStep, report."""
+"""The serve loop of a peer rank: wait for rank 0's messages, join worlds, run ParaStep, report."""
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any
 
 import parastep
 from launcher.control import ControlChannel, start_heartbeat
-from launcher.group import new_parastep_group
+from launcher.group import join_world, leave_world
 from launcher.models import LoadedModel, call_pipeline
 from launcher.protocol import PeerReport, PeerRun, Regroup, Shutdown
 from launcher.topology import Topology
@@ -19,8 +18,8 @@ log = logging.getLogger(__name__)
 def serve(topo: Topology, channel: ControlChannel, models: dict[str, LoadedModel]) -> None:
     """Run until rank 0 posts Shutdown (or disappears: the heartbeat thread then exits us)."""
     start_heartbeat(channel)
+    channel.catch_up()
     channel.mark_ready()
-    group: Any = None
     gen = -1
     while True:
         index, msg = channel.next_message()
@@ -28,28 +27,32 @@ def serve(topo: Topology, channel: ControlChannel, models: dict[str, LoadedModel
             if isinstance(msg, Shutdown):
                 log.info("rank %d: shutdown", topo.rank)
                 return
-            if isinstance(msg, Regroup) and topo.rank in msg.members:
-                group, gen = new_parastep_group(topo, msg.members, msg.timeout_s), msg.gen
+            if isinstance(msg, Regroup):
+                gen = -1
+                leave_world()
+                if topo.rank in msg.members:
+                    try:
+                        join_world(topo, msg.gen, msg.members, msg.timeout_s)
+                        gen = msg.gen
+                    except Exception as exc:  # rank 0 builds the next generation without us
+                        log.warning("rank %d: could not join world %d: %s", topo.rank, msg.gen, exc)
+                        leave_world()
             elif isinstance(msg, PeerRun) and topo.rank in msg.members:
-                if msg.gen != gen or group is None:
-                    # We missed the regroup this run relies on (we were busy or stuck).
-                    channel.report(
-                        PeerReport(topo.rank, msg.run_id, False, f"rank {topo.rank} is not in group {msg.gen}")
-                    )
+                if msg.gen != gen:  # we missed the world this run relies on (we were busy or stuck)
+                    error = f"rank {topo.rank} is not in world {msg.gen}"
+                    channel.report(PeerReport(topo.rank, msg.run_id, False, error))
                 else:
-                    channel.report(_run(topo, group, models, msg))
+                    channel.report(_run(topo, models, msg))
         finally:
             channel.mark_processed(index)
 
 
-def _run(topo: Topology, group: Any, models: dict[str, LoadedModel], msg: PeerRun) -> PeerReport:
+def _run(topo: Topology, models: dict[str, LoadedModel], msg: PeerRun) -> PeerReport:
     req = msg.request
     handle = None
     try:
-        config = parastep.ParaStepConfig(
-            warmup_steps=req.warmup_steps, degree=len(msg.members), timeout_s=msg.timeout_s
-        )
-        handle = parastep.apply(models[req.model].pipe, config, group=group)
+        config = parastep.ParaStepConfig(warmup_steps=req.warmup_steps, timeout_s=msg.timeout_s)
+        handle = parastep.apply(models[req.model].pipe, config)
         call_pipeline(models[req.model], req, latent_only=True)
         return PeerReport(topo.rank, msg.run_id, True, stats=handle.last_stats)
     except Exception as exc:  # reported to rank 0, the loop goes on

@@ -1,18 +1,29 @@
 """Process topology: spawn the peer ranks ourselves, or adopt a torchrun environment.
 
-``python app.py`` (no RANK in the environment) makes this process rank 0 and starts the
-peers as child processes running the same command line with RANK/WORLD_SIZE/MASTER_* set,
-exactly the environment torchrun would give them, so both paths share one code path.
+``python app.py`` (no RANK in the environment) makes this process rank 0: it opens the
+control store on the loopback interface only, and starts the peers as child processes running
+the same command line with RANK/WORLD_SIZE/MASTER_* set, the environment torchrun would give
+them, plus the control channel's token. Under ``torchrun`` every process reads its environment
+and the token comes from PARASTEP_CONTROL_TOKEN, which every node must set alike.
+
+No process group exists here: :mod:`launcher.group` builds one world per generation over the
+healthy ranks, on this store.
+
+Devices: on GPUs each rank binds ``cuda:LOCAL_RANK`` — or ``cuda:0`` when its launcher gave it
+one GPU through CUDA_VISIBLE_DEVICES — and that binding is set again in every thread that runs
+pipelines or collectives (:meth:`Topology.bind_device`): CUDA's current device is per thread.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -22,6 +33,19 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 SPAWNED_ENV = "PARASTEP_SPAWNED_BY"
+TOKEN_ENV = "PARASTEP_CONTROL_TOKEN"
+STORE_TIMEOUT = timedelta(seconds=60)
+
+
+@dataclass
+class Child:
+    """A peer rank this process spawned: how to start it again, and the process now."""
+
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen
+    starts: int = 1
+    started_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -29,21 +53,29 @@ class Topology:
     rank: int
     world_size: int
     local_rank: int
-    backend: str
+    backend: str  # "gloo" (CPU ranks) or "nccl" (one GPU per rank)
     device: torch.device
     torchrun: bool
-    children: dict[int, subprocess.Popen] = field(default_factory=dict)  # rank -> process (spawn mode, rank 0)
+    store: dist.Store  # the control store; every generation's world rendezvous on it too
+    token: bytes  # authenticates every control message
+    single_host: bool
+    children: dict[int, Child] = field(default_factory=dict)  # rank -> process (spawn mode, rank 0)
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    def bind_device(self) -> None:
+        """Make this thread's current CUDA device the rank's (a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def child_problem(self, rank: int) -> str | None:
-        """Why a child rank is gone, if it is (spawn mode only)."""
-        proc = self.children.get(rank)
-        if proc is None or proc.poll() is None:
+        """Why a spawned rank is gone, if it is."""
+        child = self.children.get(rank)
+        if child is None or child.proc.poll() is None:
             return None
-        code = proc.returncode
+        code = child.proc.returncode
         if code < 0:
             try:
                 return f"rank {rank} was killed by {signal.Signals(-code).name}"
@@ -51,15 +83,23 @@ class Topology:
                 return f"rank {rank} was killed by signal {-code}"
         return f"rank {rank} exited with code {code}"
 
+    def respawn(self, rank: int) -> None:
+        """Start a dead spawned rank again, with the command line and environment it had."""
+        child = self.children[rank]
+        child.proc = subprocess.Popen(child.argv, env=child.env)
+        child.starts += 1
+        child.started_at = time.monotonic()
+        log.warning("rank %d respawned (pid %d, start %d)", rank, child.proc.pid, child.starts)
+
     def stop_children(self) -> None:
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.children.values():
+        for child in self.children.values():
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        for child in self.children.values():
             try:
-                proc.wait(timeout=10)
+                child.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                child.proc.kill()
 
 
 def free_port() -> int:
@@ -81,47 +121,88 @@ def core_share(local_rank: int, local_world: int) -> set[int]:
     return set(cores[local_rank * share : (local_rank + 1) * share])
 
 
+def _loopback_store() -> tuple[dist.TCPStore, int]:
+    """A TCPStore server that listens on 127.0.0.1 only (torch's own binds every interface)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        None,
+        True,
+        STORE_TIMEOUT,
+        wait_for_workers=False,  # respawned peers connect whenever they come
+        master_listen_fd=sock.detach(),
+    )
+    return store, port
+
+
+def _device(local_rank: int, local_world: int) -> torch.device:
+    """This rank's GPU: cuda:LOCAL_RANK when the process sees every GPU of its node, cuda:0 when
+    its launcher gave it one (CUDA_VISIBLE_DEVICES)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    raise SystemExit(
+        f"local rank {local_rank} of {local_world} sees {count} GPU(s): give every process all the "
+        f"node's GPUs or exactly one (CUDA_VISIBLE_DEVICES)"
+    )
+
+
 def start(ranks: int, threads_per_rank: int | None, argv: list[str]) -> Topology:
-    """Initialise the default process group for this process; spawn peers if we are the launcher.
+    """This process's place among the ranks; spawns the peers if it is the launcher.
 
     ``ranks``: CPU ranks to use when there is no GPU and no torchrun environment.
     ``argv``: the command line to give spawned peers (they parse it like rank 0 did).
     """
     has_gpu = torch.cuda.is_available()
-    children: dict[int, subprocess.Popen] = {}
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # a store wait that times out is no warning
     torchrun = "RANK" in os.environ and SPAWNED_ENV not in os.environ
-    if "RANK" not in os.environ:
+    children: dict[int, Child] = {}
+    if "RANK" not in os.environ:  # the launcher: rank 0, the store's host
         world = torch.cuda.device_count() if has_gpu else max(1, ranks)
-        port = free_port()
+        store, port = _loopback_store()
+        token = secrets.token_hex(32)
         base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+        base |= {"LOCAL_WORLD_SIZE": str(world), TOKEN_ENV: token, SPAWNED_ENV: str(os.getpid())}
+        base |= {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}  # gloo on loopback too
         os.environ.update(base, RANK="0", LOCAL_RANK="0")
         for rank in range(1, world):
-            env = dict(os.environ, **base, RANK=str(rank), LOCAL_RANK=str(rank), **{SPAWNED_ENV: str(os.getpid())})
-            children[rank] = subprocess.Popen([sys.executable, *argv], env=env)
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank))
+            cmd = [sys.executable, *argv]
+            children[rank] = Child(cmd, env, subprocess.Popen(cmd, env=env))
         log.info("spawned %d peer rank(s) on %s", world - 1, "GPUs" if has_gpu else "CPU")
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    token_text = os.environ.get(TOKEN_ENV, "")
+    if not token_text:
+        raise SystemExit(
+            f"{TOKEN_ENV} is not set: under torchrun, set it to the same secret on every node "
+            f"(e.g. {TOKEN_ENV}=$(openssl rand -hex 32)); it authenticates the control messages"
+        )
+    if rank != 0 or torchrun:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False, STORE_TIMEOUT)
     if has_gpu:
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # Errors surface through the engine's own timed waits; the watchdog must not take the
+        # process (and with rank 0 the UI) down: the app aborts the world and builds a new one.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+        device, backend = _device(local_rank, local_world), "nccl"
+        torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         mine = core_share(local_rank, local_world)
         if mine and (threads_per_rank or len(mine)) <= len(mine):
             os.sched_setaffinity(0, mine)
         torch.set_num_threads(threads_per_rank or max(1, len(mine)))
-    # The default group is only used to rendezvous and build ParaStep groups; idle peers
-    # wait on the store (launcher.control), never in a collective, so a long time-out is safe.
-    dist.init_process_group(
-        backend="cpu:gloo,cuda:nccl" if has_gpu else "gloo",
-        init_method="env://",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(hours=1),
-        device_id=device if has_gpu else None,
-    )
     log.info("rank %d/%d up (%s, %d threads)", rank, world, backend, torch.get_num_threads())
-    return Topology(rank, world, local_rank, backend, device, torchrun, children)
+    single_host = local_world == world
+    return Topology(
+        rank, world, local_rank, backend, device, torchrun, store, token_text.encode(), single_host, children
+    )

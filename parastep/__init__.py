@@ -11,13 +11,25 @@ Example::
 
 from .engine import Handle, apply
 from .errors import CommError, ConfigError, ParaStepError, UnsupportedPipelineError, UnsupportedSchedulerError
-from .registry import FAMILIES, PipelineSpec, spec_for
+from .registry import BLOCKS, FAMILIES, PipelineSpec, spec_for
 from .stats import RunStats, StepRecord
-from .strategies import BatchStepConfig, ParaStepConfig, Strategy, StrategyConfig, ideal_speedup
+from .strategies import (
+    AsyncDiffConfig,
+    BatchStepConfig,
+    CFGParallelConfig,
+    ParaStepConfig,
+    Strategy,
+    StrategyConfig,
+    ideal_speedup,
+)
+from .strategies.sparsetem import SparseTemConfig, SparseTemStats
 
 __all__ = [
+    "BLOCKS",
     "FAMILIES",
+    "AsyncDiffConfig",
     "BatchStepConfig",
+    "CFGParallelConfig",
     "CommError",
     "ConfigError",
     "Handle",
@@ -25,6 +37,8 @@ __all__ = [
     "ParaStepError",
     "PipelineSpec",
     "RunStats",
+    "SparseTemConfig",
+    "SparseTemStats",
     "StepRecord",
     "Strategy",
     "StrategyConfig",

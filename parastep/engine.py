@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from .errors import ConfigError, ParaStepError, UnsupportedPipelineError, UnsupportedSchedulerError
 from .registry import spec_for
 from .stats import RunStats, StepRecord
@@ -70,13 +72,20 @@ class Handle:
         self._last_stats: RunStats | None = None
         self._call: CallState | None = None
         self._armed = False
+        self._start_event: Any = None  # CUDA event at the call's start (when CUDA is in use)
+        self._start_device = 0
         self._originals = {m: scheduler.__dict__.get(m) for m in WRAPPED}
         self._forward_original = self.denoiser.__dict__.get("forward")
+        groups = list(group) if isinstance(group, (list, tuple)) else [group] * len(self.configs)
+        if len(groups) != len(self.configs):
+            raise ConfigError(
+                f"give apply() one process group, or one per config ({len(self.configs)}); got {len(groups)}"
+            )
         target = Target(pipe, spec, self.denoiser, scheduler)
         self.strategies: list[Strategy] = []
         try:
-            for config in self.configs:
-                self.strategies.append(config.build(target, group))
+            for config, config_group in zip(self.configs, groups):
+                self.strategies.append(config.build(target, config_group))
         except BaseException:
             for built in self.strategies:
                 built.detach()
@@ -155,7 +164,7 @@ class Handle:
                 result = strategy.after_step(call, result)
             call.guided = kwargs["model_output"] if "model_output" in kwargs else args[i_output]
             timestep = kwargs["timestep"] if "timestep" in kwargs else args[i_timestep]
-            call.records.append((call.step, timestep, call.action, time.perf_counter()))
+            call.records.append((call.step, timestep, call.action, time.perf_counter(), self._event(result)))
             call.step_args, call.latents, call.action = (args, kwargs), main_output(result), "none"
             call.step, call.call = call.step + 1, 0
             if call.step >= call.steps:
@@ -170,6 +179,10 @@ class Handle:
         self._armed = False
         begin = getattr(self.scheduler, "begin_index", None) or 0
         self._call = CallState(steps=len(self.scheduler.timesteps) - begin, begin_index=begin)
+        self._start_event = None
+        if torch.cuda.is_initialized():
+            self._start_device = torch.cuda.current_device()
+            self._start_event = _cuda_event(self._start_device)
         for strategy in self.strategies:
             strategy.begin(self._call)
         return self._call
@@ -178,24 +191,45 @@ class Handle:
         self._call = None
         for strategy in self.strategies:
             strategy.end(call)
-        records, last = [], call.start
-        for step, timestep, action, end in call.records:  # converted once, after the loop
+        ends, start, syncs = [r[3] for r in call.records], call.start, 0
+        events = [r[4] for r in call.records]
+        if self._start_event is not None and events and all(e is not None for e in events):
+            events[-1].synchronize()  # the one host wait for the timings, after the loop
+            syncs, start = 1, 0.0
+            ends = [self._start_event.elapsed_time(e) / 1000 for e in events]
+        records, last = [], start
+        for (step, timestep, action, *_), end in zip(call.records, ends):  # converted once, after the loop
             records.append(StepRecord(step, float(timestep), action, end - last))
             last = end
-        comm, comms = self.comm, [s.comm for s in self.strategies if s.comm is not None]
+        comms = [s.comm for s in self.strategies if s.comm is not None]
+        rank = 0
+        for c in comms:  # strategies on a mesh of groups (outer axis first): the rank in the mesh
+            rank = rank * c.size + c.rank
         self._last_stats = RunStats(
             method="+".join(c.method for c in self.configs),
-            rank=comm.rank if comm else 0,
-            world_size=comm.size if comm else 1,
+            rank=rank,
+            world_size=math.prod(c.size for c in comms),
             degree=math.prod(s.parallelism for s in self.strategies),
             steps=call.steps,
             warmup_steps=max(c.warmup_steps for c in self.configs),
             model_calls=call.model_calls,
             bytes_sent=sum(c.bytes_sent for c in comms),
             bytes_received=sum(c.bytes_received for c in comms),
-            wall_s=last - call.start,
+            host_syncs=syncs + sum(c.host_syncs for c in comms),
+            wall_s=last - start,
             records=tuple(records),
         )
+
+    def _event(self, result: Any) -> Any:
+        """A CUDA event recorded now on the step result's device, when the call's start was
+        recorded there: step times then follow the device's timeline, not the host's."""
+        start = self._start_event
+        if start is None:
+            return None
+        device = main_output(result).device
+        if device.type != "cuda" or device.index not in (None, self._start_device):
+            return None
+        return _cuda_event(self._start_device)
 
     @property
     def last_stats(self) -> RunStats:
@@ -222,6 +256,12 @@ class Handle:
         del self.pipe._parastep_handle
 
 
+def _cuda_event(device_index: int) -> Any:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device_index))
+    return event
+
+
 def apply(pipe: Any, config: StrategyConfig | Sequence[StrategyConfig], group: Any = None) -> Handle:
     """Attaches a step strategy (or a chain of them, outermost first) to ``pipe``; call the
     pipeline exactly as before.
@@ -236,6 +276,13 @@ def apply(pipe: Any, config: StrategyConfig | Sequence[StrategyConfig], group: A
     With ParaStep and degree > 1 this is a collective over ``group`` (default: the default
     process group); every rank must then call the pipeline with the same arguments, and may
     pass ``output_type="latent"`` when only rank 0 needs the decoded result.
+
+    A chain of strategies that each need ranks of their own takes one group per config, the
+    axes of a mesh the caller built. CFG-parallel x ParaStep-2 on 4 ranks (rank = 2 * half + p)::
+
+        cfg = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+        steps = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+        parastep.apply(pipe, [parastep.CFGParallelConfig(), parastep.ParaStepConfig()], group=[cfg, steps])
     """
     if getattr(pipe, "_parastep_handle", None) is not None:
         raise ConfigError(

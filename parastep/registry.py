@@ -33,7 +33,30 @@ FAMILIES: dict[str, PipelineSpec] = {
     "AudioLDM2Pipeline": PipelineSpec("unet", "audio"),
 }
 
+# The blocks AsyncDiff cuts into stages, per denoiser class (or a base class): attribute paths of
+# the denoiser, "name.*" for every child of a ModuleList. Their order here does not matter: stages
+# follow the order in which one forward pass calls them. Everything else in the forward pass
+# (embeddings, activations, reshapes) runs on every rank.
+_UNET_BLOCKS = ("conv_in", "down_blocks.*", "mid_block", "up_blocks.*", "conv_norm_out", "conv_out")
+BLOCKS: dict[str, tuple[str, ...]] = {
+    "UNet2DConditionModel": _UNET_BLOCKS,
+    "UNetSpatioTemporalConditionModel": _UNET_BLOCKS,
+    "UNetMotionModel": _UNET_BLOCKS,
+    "AudioLDM2UNet2DConditionModel": _UNET_BLOCKS,
+    "SD3Transformer2DModel": ("transformer_blocks.*", "norm_out", "proj_out"),
+    "FluxTransformer2DModel": ("transformer_blocks.*", "single_transformer_blocks.*", "norm_out", "proj_out"),
+    "CogVideoXTransformer3DModel": ("transformer_blocks.*", "norm_final", "norm_out", "proj_out"),
+    "LatteTransformer3DModel": ("transformer_blocks.*", "temporal_transformer_blocks.*", "norm_out", "proj_out"),
+    # the built-in demo models (demo_models.models.AttributeUNet)
+    "AttributeUNet": ("conv_in", "down.*", "downsample.*", "mid.*", "up.*", "upsample.*", "norm_out", "conv_out"),
+}
+
 _DENOISER_ATTRS = ("transformer", "unet")
+
+
+def blocks_for(denoiser: torch.nn.Module) -> tuple[str, ...] | None:
+    """The :data:`BLOCKS` entry of ``denoiser``'s class or a base class, else None."""
+    return next((BLOCKS[c.__name__] for c in type(denoiser).__mro__ if c.__name__ in BLOCKS), None)
 
 
 def spec_for(pipe: object) -> PipelineSpec:

@@ -14,7 +14,9 @@ class StepRecord:
     ``action`` is what the denoiser hook did for the step's first denoiser call:
     ``computed`` (a real forward pass), ``reused`` (the cached prediction, no forward),
     ``received`` (a peer's prediction) or ``precomputed`` (from an earlier batched call).
-    ``seconds`` is the wall time from the previous step's end to this step's end.
+    ``seconds`` is the wall time from the previous step's end to this step's end: on CUDA
+    measured by CUDA events on the current stream (the device's timeline, converted once after
+    the loop), else host time.
     """
 
     step: int
@@ -43,6 +45,7 @@ class RunStats:
     model_calls: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    host_syncs: int = 0  # times the host waited for the device (CUDA): per received message, +1 for timings
     wall_s: float = 0.0
     records: tuple[StepRecord, ...] = field(default_factory=tuple)
 

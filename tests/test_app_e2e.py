@@ -127,10 +127,10 @@ BAD_INPUTS = [
     ({"warmup_steps": 6}, "Warm-up (6) must be smaller than steps (6)"),
     ({"warmup_steps": 0}, "ParaStep needs at least 1 warm-up step"),
     ({"method": "batchstep", "stride": 9}, "Stride (9) cannot exceed steps (6)"),
-    ({"model": "no-such-model"}, "no-such-model is not in the list of choices: ['built-in image'"),
+    ({"model": "no-such-model"}, "Unknown model 'no-such-model': choose one of built-in image, built-in video"),
     ({"height": 30}, "makes 32×32 only: set height to 32 and width to 32 (got 30×32)"),
     ({"guidance_scale": -1}, "Guidance must be between"),
-    ({"method": "warp"}, "is not in the list of choices: ['baseline', 'parastep', 'batchstep']"),
+    ({"method": "warp"}, "Unknown method 'warp': choose one of baseline, parastep, batchstep"),
     ({"seed": -3}, "Seed must be between 0 and"),
 ]
 

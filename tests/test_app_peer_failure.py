@@ -1,5 +1,6 @@
-"""A peer that dies or stops answering: a clear error naming the rank in bounded time, and
-the app keeps serving (baseline, BatchStep, and ParaStep on the ranks that are left)."""
+"""A peer that dies or stops answering: a clear error naming the rank in bounded time; the app
+keeps serving (baseline, BatchStep, ParaStep on the ranks that are left); a dead rank is started
+again and a stopped one rejoins once continued."""
 
 from __future__ import annotations
 
@@ -38,16 +39,6 @@ def status(client: Client) -> dict:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def wait_ranks_ok(client: Client, ranks: list[int], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        states = {r["rank"]: r["state"] for r in status(client)["ranks"]}
-        if all(states[r] == "ok" for r in ranks):
-            return
-        time.sleep(1)
-    raise AssertionError(f"ranks {ranks} not ok after {timeout_s} s: {states}")
-
-
 def test_peer_killed_mid_run_then_stopped(app: AppProcess) -> None:
     client = Client(app.url, verbose=False)
     assert status(client)["world_size"] == 3
@@ -68,10 +59,23 @@ def test_peer_killed_mid_run_then_stopped(app: AppProcess) -> None:
     print(f"\nkilled mid-run -> error after {elapsed:.1f} s: {message}")
     assert elapsed < 60 and "rank 2" in message, message
 
-    # 2. The UI is still up; ParaStep goes on with the ranks that are left.
-    wait_ranks_ok(client, [1], timeout_s=PEER_TIMEOUT_S + 15)
-    numbers = client.predict(**request(), api_name="/generate")[9]
-    assert numbers["ranks"] == 2 and "rank 2 was killed by SIGKILL" in numbers["note"], numbers
+    # 2. The UI is still up; ParaStep goes on with the ranks that are left while rank 2 is
+    #    started again, and runs on all three within 30 s of the kill.
+    #    (A peer still inside the failed run is started again too: gloo cannot interrupt its wait.)
+    numbers: dict = {"ranks": 0, "note": "not run yet"}
+    while numbers["ranks"] < 3 and time.monotonic() - killed < 30:
+        try:
+            numbers = client.predict(**request(), api_name="/generate")[9]
+            assert numbers["ranks"] == 3 or "rank " in numbers["note"], numbers
+        except AppError as exc:  # every peer is starting again: ParaStep says so before any work
+            assert "no peer rank to run with" in str(exc) and "starting again" in str(exc), exc
+        time.sleep(1)
+    print(f"killed -> ParaStep on all ranks again after {time.monotonic() - killed:.1f} s")
+    assert numbers["ranks"] == 3 and not numbers["note"], numbers
+    state = status(client)
+    assert any("rank 2 was killed by SIGKILL; respawning it" in e for e in state["events"]), state
+    assert {r["rank"]: r.get("starts") for r in state["ranks"]}[2] == 2
+    rank1, rank2 = app.peer_pids()
 
     # 3. Rank 1 stops answering (SIGSTOP) while idle; the next ParaStep request fails in bounded time.
     os.kill(rank1, signal.SIGSTOP)
@@ -82,16 +86,26 @@ def test_peer_killed_mid_run_then_stopped(app: AppProcess) -> None:
         elapsed = time.monotonic() - started
         message = str(err.value)
         print(f"stopped peer -> error after {elapsed:.1f} s: {message}")
-        assert elapsed < 60 and "rank 1" in message, message
+        assert elapsed < 60 and "rank 1 stopped answering" in message, message
 
-        # 4. Baseline and BatchStep on rank 0 keep working; ParaStep says why it cannot run.
+        # 4. Baseline and BatchStep on rank 0 keep working; ParaStep goes on without rank 1.
         for method in ("baseline", "batchstep"):
             numbers = client.predict(**request(method), api_name="/generate")[9]
             assert numbers["method"] == method and numbers["wall_s"] > 0
-        started = time.monotonic()
-        with pytest.raises(AppError, match="no peer rank to run with") as err:
-            client.predict(**request(), api_name="/generate")
-        assert time.monotonic() - started < 30
-        assert "rank 1" in str(err.value) and "rank 2" in str(err.value)
+        numbers = client.predict(**request(), api_name="/generate")[9]
+        assert numbers["ranks"] == 2 and "rank 1" in numbers["note"], numbers
     finally:
-        os.kill(rank1, signal.SIGCONT)
+        try:
+            os.kill(rank1, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # silent through a failed run, it was started again
+
+    # 5. Rank 1 (continued, or started again) takes part again.
+    continued = time.monotonic()
+    while time.monotonic() - continued < 30:
+        numbers = client.predict(**request(), api_name="/generate")[9]
+        if numbers["ranks"] == 3:
+            break
+        time.sleep(1)
+    print(f"stopped -> ParaStep on all ranks again after {time.monotonic() - continued:.1f} s")
+    assert numbers["ranks"] == 3 and not numbers["note"], numbers

@@ -34,6 +34,8 @@ def test_bench_table(tmp_path):
         "2",
         "--ranks",
         "2",
+        "--device",
+        "cpu",  # gloo ranks on any machine: the stress session below needs 3
         "--strides",
         "2",
         "4",
@@ -51,8 +53,10 @@ def test_bench_table(tmp_path):
     assert "main 1/" in proc.stderr and "stress" in proc.stderr  # progress is shown
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:3] == ["session", "model", "method"] and set(lines[1]) <= {"-", " "}
+    assert "backend:device" in lines[0].split()
     result = json.loads((out / "bench.json").read_text())
     rows = result["rows"]
+    assert (result["backend"], result["device"]) == ("gloo", "cpu") and {r["backend"] for r in rows} == {"gloo:cpu"}
     hooks = result["hook_cost"]
     assert list(hooks) == [rows[0]["model"]] and hooks[rows[0]["model"]]["pairs"] == 3
     h = hooks[rows[0]["model"]]

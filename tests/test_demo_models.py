@@ -74,6 +74,7 @@ def _adherence(pipe) -> dict[str, float]:
     return {attr: float(np.mean([r[attr] for r in results])) for attr in results[0]}
 
 
+@pytest.mark.slow  # an evaluation: ten prompts at 20 steps per model
 def test_prompt_adherence_on_held_out_prompts(pipe):
     scores = _adherence(pipe)
     for attr, threshold in THRESHOLDS[pipe.modality].items():

@@ -276,6 +276,7 @@ def three_rank_degree(rank: int) -> tuple:
     return out, handle.last_stats.model_calls
 
 
+@pytest.mark.slow  # three ranks
 def test_degree_smaller_than_the_group():
     results = run_ranks(three_rank_degree, 3)
     assert torch.equal(results[0][0], results[2][0]) and torch.equal(results[0][0], results[1][0])
@@ -342,6 +343,7 @@ def all_to_all(rank: int) -> dict:
     return dict(got=got, to_zero=only_to_zero)
 
 
+@pytest.mark.slow  # three ranks
 def test_exchange_delivers_every_message_between_three_ranks():
     results = run_ranks(all_to_all, 3)
     for rank, result in enumerate(results):

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 import parastep
-from tests.toy import ToyDenoiser, ToyPipeline, toy_embeds, toy_pipeline
+from tests.toy import DEVICE, DTYPE, ToyDenoiser, ToyPipeline, toy_embeds, toy_pipeline
 
 T = 10
 
@@ -89,7 +89,7 @@ def batchstep_replay(pipe, steps, warmup, stride, guidance=3.0):
     sched = pipe.scheduler
     sched.set_timesteps(steps)
     ts = sched.timesteps
-    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE) * sched.init_noise_sigma
 
     def guide(raw):
         u, c = raw.chunk(2)

@@ -9,15 +9,17 @@ from torch.distributed import HashStore
 from launcher.backend import Backend
 from launcher.control import ControlChannel
 from launcher.models import LoadedModel
-from launcher.protocol import PeerReport, PeerRun, Regroup
+from launcher.protocol import PeerReport, PeerRun, Regroup, Shutdown
 from launcher.request import GenerateRequest, InputError, ModelInfo
 from launcher.topology import Topology
 from parastep import RunStats, StepRecord
 
+TOKEN = b"a shared secret"
+
 
 def test_control_channel_delivers_in_order_reports_once_and_prunes() -> None:
     store = HashStore()
-    leader, peer = ControlChannel(store, 0, 2), ControlChannel(store, 1, 2)
+    leader, peer = ControlChannel(store, 0, TOKEN), ControlChannel(store, 1, TOKEN)
     req = GenerateRequest(model="m", prompt="p")
     leader.post(Regroup(1, (0, 1), 5.0))
     leader.post(PeerRun(1, 1, (0, 1), req, 5.0))
@@ -27,17 +29,40 @@ def test_control_channel_delivers_in_order_reports_once_and_prunes() -> None:
     stats = RunStats("parastep", rank=1, model_calls=3, records=(StepRecord(0, 999.0, "computed", 0.01),))
     peer.report(PeerReport(1, 1, True, stats=stats))
     peer.mark_processed(1)
-    report = leader.try_report(1, 1)
+    report = leader.wait_report(1, 1, timeout_s=1.0)
     assert report is not None and report.stats == stats  # typed again on arrival, read by attribute
-    assert leader.try_report(1, 1) is None  # read once
+    assert leader.wait_report(1, 1, timeout_s=0.05) is None  # read once
+    assert store.check(["parastep-ctl/msg/0"])
     leader.prune([1])
     assert not store.check(["parastep-ctl/msg/0"]) and not store.check(["parastep-ctl/msg/1"])
     peer.mark_ready()
     assert leader.is_ready(1) and ":" in leader.where(1)
 
 
+def test_forged_or_unsigned_control_messages_are_rejected_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    store = HashStore()
+    leader, peer = ControlChannel(store, 0, TOKEN), ControlChannel(store, 1, TOKEN)
+    forger = ControlChannel(store, 0, b"not the token")
+    forger.post(Shutdown())  # signed with the wrong key
+    store.set("parastep-ctl/msg/1", '{"type": "Shutdown"}')  # not signed at all
+    store.set("parastep-ctl/msg/2", leader._seal("parastep-ctl/msg/2", '{"type": "Shutdown"}'))  # MAC of another key
+    leader._next_post = 3
+    leader.post(Regroup(1, (0, 1), 5.0))
+    with caplog.at_level("ERROR"):
+        assert [peer.next_message() for _ in range(4)] == [
+            (0, None),
+            (1, None),
+            (2, None),
+            (3, Regroup(1, (0, 1), 5.0)),
+        ]
+    assert caplog.text.count("rejected control message") == 3 and "MAC does not verify" in caplog.text
+    key = "parastep-ctl/report/7/1"  # a forged report is no report
+    forger.report(PeerReport(1, 7, True))
+    assert leader.wait_report(7, 1, timeout_s=0.05) is None and not store.check([key])
+
+
 def _backend(world_size: int = 2) -> Backend:
-    topo = Topology(0, world_size, 0, "gloo", torch.device("cpu"), torchrun=False)
+    topo = Topology(0, world_size, 0, "gloo", torch.device("cpu"), False, HashStore(), TOKEN, True)
     image = ModelInfo(name="img", modality="image", default_height=32, default_width=32, fixed_size=True)
     free = ModelInfo(name="sd", modality="image", default_height=64, default_width=64, size_multiple=8)
     video = ModelInfo(
@@ -96,3 +121,41 @@ def test_quality_metrics() -> None:
     assert psnr(wave, wave * 0.9) < psnr(wave, wave * 0.99)
     with pytest.raises(ValueError, match="shape"):
         psnr(a, a[:8])
+
+
+@pytest.mark.parametrize(
+    "change, warned",
+    [
+        ({"method": "batchstep", "warmup_steps": 1, "stride": 2}, "1 warm-up step"),
+        ({"method": "batchstep", "warmup_steps": 2, "stride": 3, "steps": 20}, "stride 3 and 2 warm-up steps"),
+        ({"method": "batchstep", "warmup_steps": 5, "stride": 3, "steps": 20}, None),
+        ({"method": "batchstep", "warmup_steps": 2, "stride": 2, "steps": 20}, None),
+        ({"method": "parastep", "warmup_steps": 1}, None),
+    ],
+)
+def test_settings_measured_to_break_the_result_are_warned_about(change: dict, warned: str | None) -> None:
+    req = _backend().validate(GenerateRequest(**{"model": "img", "prompt": "a red circle", "steps": 10, **change}))
+    warnings = req.quality_warnings()
+    assert (warned in warnings[0]) if warned else not warnings, warnings
+
+
+def test_the_panel_flags_a_result_far_from_its_baseline() -> None:
+    import numpy as np
+
+    from launcher.protocol import CompareOutput, RunOutput
+    from ui import panel
+
+    def run(method: str) -> RunOutput:
+        return RunOutput(method, "image", np.zeros((4, 4, 3)), None, 1.0, [RunStats(method, steps=4)], 1.5)
+
+    for psnr, flagged in ((9.99, True), (35.0, False)):
+        result = CompareOutput(run("baseline"), run("batchstep"), 1.2, None, psnr, 0.5)
+        assert ("below 20 dB" in panel.compare_markdown(result)) is flagged
+        assert panel.compare_numbers(result)["below_quality_floor"] is flagged
+
+
+@pytest.mark.parametrize("field", ["steps", "guidance_scale", "seed", "duration_s"])
+def test_numbers_too_large_for_a_float_are_refused_with_the_field_named(field: str) -> None:
+    req = GenerateRequest(**{"model": "aud", "prompt": "a tone", field: 10**400})
+    with pytest.raises(InputError, match=r"must be (between|more than) .* \(got 1000"):
+        _backend().validate(req)

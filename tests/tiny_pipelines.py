@@ -39,6 +39,8 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
+from tests.toy import DEVICE, DTYPE
+
 FAMILIES: list[str] = ["sd", "sdxl", "sd3", "flux", "cogvideox", "latte", "svd", "animatediff", "audioldm2"]
 
 # (family, build kwargs) for the non-default variants exercised by the verification script.
@@ -866,7 +868,19 @@ def build(
     with torch.no_grad():
         pipe, kwargs = _BUILDERS[family](seed, scheduler, **extra)
     pipe.set_progress_bar_config(disable=True)
+    if (DEVICE, DTYPE) != (torch.device("cpu"), torch.float32):  # PARASTEP_TEST_DEVICE / _DTYPE
+        pipe.to(DEVICE, DTYPE)
+        kwargs = {k: _to_test_device(v) for k, v in kwargs.items()}
     return pipe, kwargs
+
+
+def _to_test_device(value):
+    """Call arguments on the test device; floating tensors in the test dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(DEVICE, DTYPE) if value.is_floating_point() else value.to(DEVICE)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_test_device(v) for v in value)
+    return value
 
 
 # Every family with its default scheduler, then the variants; test ids name the variant.

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
+
+# Where the suite's single-process tests run: PARASTEP_TEST_DEVICE=cuda PARASTEP_TEST_DTYPE=float16
+# (scripts/gpu_check.sh sets both); the defaults, CPU and float32, change nothing.
+DEVICE = torch.device(os.environ.get("PARASTEP_TEST_DEVICE", "cpu"))
+DTYPE: torch.dtype = getattr(torch, os.environ.get("PARASTEP_TEST_DTYPE", "float32"))
+if DEVICE.type == "cuda":  # bit-identity asks for the same kernels every call
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @dataclass
@@ -47,8 +56,12 @@ class ToyPipeline(DiffusionPipeline):
         size: int = 8,
         output_type: str = "pt",
     ):
+        weight = next(self.unet.parameters())  # the denoiser's device and dtype: inputs follow it
+        prompt_embeds = prompt_embeds.to(weight.device, weight.dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(weight.device, weight.dtype)
         batch = prompt_embeds.shape[0]
-        latents = torch.randn((batch, 4, size, size), generator=generator)
+        latents = torch.randn((batch, 4, size, size), generator=generator).to(weight.device, weight.dtype)
         cfg = negative_prompt_embeds is not None and guidance_scale > 1
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
         self.scheduler.set_timesteps(num_inference_steps)
@@ -68,9 +81,10 @@ def toy_pipeline(scheduler_cls=DDIMScheduler) -> ToyPipeline:
     scheduler = scheduler_cls(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
     )
-    return ToyPipeline(ToyDenoiser(), scheduler)
+    return ToyPipeline(ToyDenoiser().to(DEVICE, DTYPE), scheduler)
 
 
 def toy_embeds(batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(batch, 3, 8, generator=g), torch.randn(batch, 3, 8, generator=g) * 0.1
+    pe, ne = torch.randn(batch, 3, 8, generator=g), torch.randn(batch, 3, 8, generator=g) * 0.1
+    return pe.to(DEVICE, DTYPE), ne.to(DEVICE, DTYPE)

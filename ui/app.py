@@ -41,6 +41,20 @@ OUTPUTS = (
 )
 
 
+class _Blocks(gr.Blocks):
+    """Blocks that refuse a call with more inputs than the endpoint takes (Gradio drops them)."""
+
+    def validate_inputs(self, block_fn: Any, inputs: list[Any]) -> None:
+        super().validate_inputs(block_fn, inputs)
+        if len(inputs) > len(block_fn.inputs):
+            raise gr.Error(
+                f"/{block_fn.api_name or block_fn.name} takes {len(block_fn.inputs)} inputs, got {len(inputs)}: "
+                "remove the extra ones (see the API page for the parameters by name).",
+                title="Please change the input",
+                print_exception=False,
+            )
+
+
 class BackendLike(Protocol):
     def model_infos(self) -> dict[str, ModelInfo]: ...
     def submit(self, req: GenerateRequest, compare: bool = False) -> Any: ...
@@ -69,7 +83,7 @@ def _media_values(run: RunOutput | None) -> list[Any]:
     values: list[Any] = [None, None, None]
     if run is not None:
         if run.modality == "image":
-            values[0] = media.display_image(run.media)
+            values[0] = media.write_image(run.media)
         elif run.modality == "video":
             values[1] = media.write_video(run.media, fps=run.fps)
         else:
@@ -109,7 +123,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
     first = infos[names[0]] if names else None
     status = backend.status()
 
-    with gr.Blocks(title=title) as demo:
+    with _Blocks(title=title) as demo:
         gr.Markdown(
             f"# {title}\n"
             f"Step-parallel diffusion: **ParaStep** spreads denoising steps over ranks, **BatchStep** batches "
@@ -330,6 +344,9 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 api_name=fn.__name__,
                 concurrency_limit=8,
                 concurrency_id="runs",
+                # the request's own rules see what the client sent (Gradio would str() a number
+                # given as the prompt, and check choices with a message of its own)
+                preprocess=False,
                 show_progress_on=[run_status],
             )
         refresh.click(backend.status, None, cluster, api_name="status")

@@ -94,6 +94,16 @@ def new_output_path(suffix: str) -> str:
     return os.path.join(_OUT_DIR, f"{uuid.uuid4().hex}{suffix}")
 
 
+def write_image(image: np.ndarray) -> str:
+    """HxWx3 float [0, 1] -> a png of this request's own (upscaled crisply): never a file another
+    request's identical output could rewrite while this one is downloaded."""
+    from PIL import Image
+
+    path = new_output_path(".png")
+    Image.fromarray(display_image(image)).save(path)
+    return path
+
+
 def write_video(frames: np.ndarray, fps: int = 8) -> str:
     """FxHxWx3 float -> an H.264 mp4 browsers play; small frames are upscaled crisply."""
     import imageio.v2 as imageio

@@ -10,6 +10,10 @@ from matplotlib.patches import Patch
 from launcher.protocol import CompareOutput, RunOutput
 from launcher.request import METHOD_LABELS
 
+# Below this PSNR against the baseline an output differs visibly from it (the built-in image
+# model's BatchStep settings that broke measured 1–16 dB; good ones 25 dB and up).
+QUALITY_FLOOR_DB = 20.0
+
 ACTION_COLOURS = {"computed": "#2563eb", "reused": "#cbd5e1", "received": "#16a34a", "precomputed": "#f59e0b"}
 
 
@@ -52,6 +56,7 @@ def compare_numbers(result: CompareOutput) -> dict[str, Any]:
         "speedup_denoise": round(result.speedup_denoise, 4) if result.speedup_denoise is not None else None,
         "ideal_speedup": round(result.method.ideal_speedup, 4),
         "psnr_db": round(result.psnr, 3) if result.psnr != float("inf") else "inf",
+        "below_quality_floor": result.psnr < QUALITY_FLOOR_DB,
         "ssim": round(result.ssim, 4),
     }
 
@@ -79,6 +84,11 @@ def compare_markdown(result: CompareOutput) -> str:
         f"| SSIM vs baseline | — | {result.ssim:.4f} |",
     ]
     note = f"\n\n⚠️ {fast.note}" if fast.note else ""
+    if result.psnr < QUALITY_FLOOR_DB:
+        note += (
+            f"\n\n⚠️ **PSNR {result.psnr:.1f} dB is below {QUALITY_FLOOR_DB:g} dB**: this result differs visibly "
+            "from the baseline; more warm-up steps or a smaller stride bring it closer."
+        )
     return "### Latency panel\n\n" + "\n".join(rows) + note
 
 

@@ -21,21 +21,21 @@ model calls itself. The step stages run outermost first.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 
+from ..comm import Comm
 from ..errors import ConfigError
 from ..registry import PipelineSpec
-
-if TYPE_CHECKING:
-    from ..comm import Comm
 
 Action = Literal["computed", "reused", "received", "precomputed", "none"]
 
@@ -139,6 +139,55 @@ class StrategyConfig(ABC):
     @abstractmethod
     def build(self, target: Target, group: Any) -> Strategy:
         """The strategy for ``target``; raises a :class:`~parastep.ParaStepError` if it cannot run."""
+
+
+def group_comm(group: Any, ranks: int, config: StrategyConfig, target: Target, timeout_s: float) -> Comm:
+    """A :class:`~parastep.comm.Comm` over ``group`` (default: the default process group), which
+    must hold exactly ``ranks`` ranks, once every rank has shown that it attached the same config
+    to the same model (each rank sends its own to every other, so all of them raise or none)."""
+    name = type(config).__name__
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            f"{name} needs a torch.distributed process group of {ranks} ranks: call "
+            f"torch.distributed.init_process_group on every rank first (parastep never starts one)"
+        )
+    group = dist.group.WORLD if group is None else group
+    if dist.get_rank(group) < 0:
+        raise ConfigError(
+            "this process is not a member of the process group passed to apply(); "
+            "pass a group that contains every rank that calls the pipeline"
+        )
+    size = dist.get_world_size(group)
+    if size != ranks:
+        raise ConfigError(
+            f"{name} runs on exactly {ranks} ranks, but the process group has {size}: start {ranks} ranks, "
+            f"or pass a group of {ranks} (torch.distributed.new_group) as group="
+        )
+    comm = Comm(group, timeout_s)
+    agree(comm, config, target)
+    return comm
+
+
+def agree(comm: Comm, config: StrategyConfig, target: Target) -> None:
+    """Every rank of ``comm`` shows every other the config and model it attached (as plain
+    values: nothing is pickled), so that all of them raise, or none, when one differs."""
+    signature = {
+        "config": type(config).__name__,
+        "fields": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},  # type: ignore[arg-type]
+        "pipeline": target.name,
+        "denoiser": type(target.denoiser).__name__,
+        "parameters": sum(p.numel() for p in target.denoiser.parameters()),
+    }
+    device = next(target.denoiser.parameters(), torch.empty(0)).device
+    others = [r for r in range(comm.size) if r != comm.rank]
+    got = comm.exchange({r: signature for r in others}, others, device)
+    if any(s != signature for s in got.values()):
+        per_rank = {comm.rank: signature, **got}
+        raise ConfigError(
+            "ranks of the group attached different configurations or pipelines "
+            f"(per rank: {[per_rank[r] for r in range(comm.size)]}); call parastep.apply with the same config "
+            f"and model on every rank"
+        )
 
 
 def check_int(name: str, value: object, minimum: int) -> None:

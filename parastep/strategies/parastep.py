@@ -24,6 +24,7 @@ from .base import (
     Strategy,
     StrategyConfig,
     Target,
+    agree,
     check_int,
     main_output,
     step_feeds_back,
@@ -141,8 +142,7 @@ class ParaStep(Strategy):
         device = main_output(result).device
         if self.rank == 0:
             message = ([result[k] for k in shared], _changed_state(self.scheduler, self.snapshot))
-            for peer in range(1, comm.size):
-                comm.send(message, peer, device)
+            comm.send(message, list(range(1, comm.size)), device)  # packed once for every peer
             if call.step == call.steps - 1:
                 comm.flush()
             return result
@@ -231,17 +231,6 @@ def _resolve_group(config: ParaStepConfig, group: Any, target: Target) -> tuple[
         raise ConfigError(
             "ParaStep with degree > 1 needs warmup_steps >= 1: ranks reuse the prediction cached during warm-up"
         )
-    signature = (
-        config,
-        target.name,
-        type(target.denoiser).__name__,
-        sum(p.numel() for p in target.denoiser.parameters()),
-    )
-    gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, signature, group=group)
-    if any(g != gathered[0] for g in gathered):
-        raise ConfigError(
-            "ranks of the group attached different configurations or pipelines "
-            f"(per rank: {gathered}); call parastep.apply with the same config and model on every rank"
-        )
-    return degree, Comm(group, config.timeout_s)
+    comm = Comm(group, config.timeout_s)
+    agree(comm, config, target)
+    return degree, comm
