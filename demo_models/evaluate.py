@@ -4,6 +4,7 @@
     python -m demo_models.evaluate image --guidance 1,2,3,4,5   # one line per guidance scale
     python -m demo_models.evaluate video --parastep             # ParaStep-2 (2 gloo ranks) vs baseline
     python -m demo_models.evaluate audio --timing               # audio call: denoising vs decoding
+    python -m demo_models.evaluate audio --decoders             # shipped vs previous audio decoder
     python -m demo_models.evaluate audio --n 20 --steps 25
 
 Held-out prompts come from :func:`random_prompts` with a seed the training never used; the
@@ -185,8 +186,9 @@ def parastep_agreement(
     }
 
 
-def audio_call_split(pipe: Any, repeats: int = 5, steps: int | None = None) -> dict[str, float]:
-    """Median seconds of one audio call's denoising and decoding (one prompt, default guidance, 1 thread).
+def audio_call_split(pipe: Any, repeats: int = 5, steps: int | None = None) -> dict[str, Any]:
+    """Median seconds of one audio call's denoising and decoding (one prompt, default guidance, 1 thread),
+    and whether two whole calls with the same seed return the same waveform bit for bit.
 
     Each repeat times ``output_type="latent"`` (the denoising loop) and then the decoding of
     those latents, back to back, so load on a shared machine hits both alike.
@@ -207,11 +209,73 @@ def audio_call_split(pipe: Any, repeats: int = 5, steps: int | None = None) -> d
             decode.append(t2 - t1)
     d, a = statistics.median(denoise), statistics.median(decode)
     shares = [b / (x + b) for x, b in zip(denoise, decode)]
+    waves = [pipe(prompt, generator=torch.Generator().manual_seed(7), **kwargs).audios for _ in range(2)]
     return {
+        "calls": repeats,
         "denoise_s": round(d, 3),
         "decode_s": round(a, 3),
         "decode_share": round(statistics.median(shares), 3),
         "decode_share_max": round(max(shares), 3),
+        "same_seed_same_waveform": bool(np.array_equal(waves[0], waves[1])),
+    }
+
+
+def previous_mel_to_audio(mel: np.ndarray) -> np.ndarray:
+    """The audio decoder the models shipped with before issue 12, kept to measure against:
+    librosa's ``mel_to_stft`` (L-BFGS-B non-negative least squares) and 32 Griffin-Lim iterations."""
+    import librosa
+
+    from . import data
+
+    db = (np.clip(mel, -1.0, 1.0) - 1) / 2 * -data.DB_FLOOR
+    power = librosa.db_to_power(db, ref=data.DB_REF)
+    power = np.where(db <= data.DB_FLOOR + 1e-3, 0.0, power)
+    n = int(data.SAMPLE_RATE * data.AUDIO_SECONDS)
+    frames = 1 + n // data.HOP_LENGTH
+    if power.shape[-1] < frames:
+        power = np.pad(power, ((0, 0), (0, frames - power.shape[-1])), mode="edge")
+    magnitude = librosa.feature.inverse.mel_to_stft(
+        power, sr=data.SAMPLE_RATE, n_fft=data.N_FFT, power=2.0, fmin=data.F_MIN, fmax=data.F_MAX
+    )
+    wave = librosa.griffinlim(
+        magnitude, n_iter=32, hop_length=data.HOP_LENGTH, n_fft=data.N_FFT, length=n, random_state=0
+    )
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def audio_decoders(
+    pipe: Any,
+    n: int = 100,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = EVAL_SEED,
+    batch: int = 20,
+) -> dict[str, Any]:
+    """The held-out prompts' mel latents decoded by the shipped decoder and by
+    :func:`previous_mel_to_audio`: adherence of each and median decoding seconds per clip."""
+    from . import data
+
+    prompts = random_prompts("audio", n, seed=seed)
+    decoders = {
+        "shipped": lambda m: data.mel_to_audio(m, n_iter=pipe.griffin_lim_iters),
+        "previous": previous_mel_to_audio,
+    }
+    rows: dict[str, list[dict[str, bool]]] = {name: [] for name in decoders}
+    seconds: dict[str, list[float]] = {name: [] for name in decoders}
+    for start in range(0, n, batch):
+        chunk = prompts[start : start + batch]
+        gen = torch.Generator().manual_seed(seed + start)
+        mels = pipe(chunk, generator=gen, output_type="latent", **_call_kwargs(steps, guidance_scale)).audios
+        for prompt, mel in zip(chunk, mels.float().cpu().numpy()[:, 0]):
+            for name, decode in decoders.items():
+                t0 = time.perf_counter()
+                wave = decode(mel)
+                seconds[name].append(time.perf_counter() - t0)
+                rows[name].append(check("audio", prompt, wave))
+    return {
+        "n": n,
+        **{f"{name}_scores": scores_of(rows[name]) for name in decoders},
+        **{f"{name}_decode_s": round(statistics.median(seconds[name]), 3) for name in decoders},
     }
 
 
@@ -314,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=str, default=None, help="guidance scale, or a comma-separated list to sweep")
     parser.add_argument("--parastep", action="store_true", help="ParaStep-2 verdicts against the baseline's")
     parser.add_argument("--timing", action="store_true", help="audio: one call's denoising vs decoding time")
+    parser.add_argument("--decoders", action="store_true", help="audio: shipped vs previous decoder, same latents")
     parser.add_argument("--path", type=Path, default=None, help="model folder (default assets/<kind>)")
     parser.add_argument("--examples", type=Path, default=None, help="write example media here")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
@@ -334,6 +399,12 @@ def main(argv: list[str] | None = None) -> None:
         if kind != "audio":
             raise SystemExit("--timing measures the audio call's decoding; use it with kind audio")
         result = audio_call_split(load_pipeline(kind, path=args.path), steps=args.steps)
+        print(json.dumps(result, indent=2))
+    elif args.decoders:
+        if kind != "audio":
+            raise SystemExit("--decoders compares audio decoders; use it with kind audio")
+        pipe = load_pipeline(kind, path=args.path)
+        result = audio_decoders(pipe, n=args.n, steps=args.steps, guidance_scale=guidances[0])
         print(json.dumps(result, indent=2))
     else:
         pipe = load_pipeline(kind, path=args.path)

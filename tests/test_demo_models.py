@@ -237,3 +237,21 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     whole = load_pipeline("audio", path=tmp_path / "whole").unet.state_dict()
     cut = load_pipeline("audio", path=tmp_path / "cut").unet.state_dict()
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_guidance_is_the_best_measured_one(kind):
+    """The pipeline's default guidance is the one its model card's sweep measured best (all
+    attributes right on 100 held-out prompts; a tie goes to the lower scale)."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    from demo_models.pipelines import DEFAULT_GUIDANCE, PIPELINE_CLASSES
+
+    record = json.loads((Path(__file__).parents[1] / "assets" / kind / "training.json").read_text())["evaluation"]
+    sweep = {float(g): scores["all"] for g, scores in record["guidance_sweep"].items()}
+    best = max(sweep, key=lambda g: (sweep[g], -g))
+    default = inspect.signature(PIPELINE_CLASSES[kind].__call__).parameters["guidance_scale"].default
+    assert record["default_guidance"] == DEFAULT_GUIDANCE[kind] == default == best
+    assert set(sweep) == {1.0, 2.0, 3.0, 4.0, 5.0} and record["held_out_prompts"] == 100
