@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=30.0,
         help="seconds a ParaStep run waits on a peer before failing with an error naming it",
     )
+    parser.add_argument(
+        "--preview-every",
+        type=float,
+        default=0.3,
+        metavar="SECONDS",
+        help="stream a preview at most this often while denoising (default 0.3; 0: progress only, no previews)",
+    )
     parser.add_argument("--share", action="store_true", help="create a public Gradio link")
     args = parser.parse_args(argv)
     args.builtins = [] if args.builtins.strip() in ("", "none") else [k.strip() for k in args.builtins.split(",")]
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         models = load_models(args.builtins, args.model, topo.device)
         warm_up(models, latent_only=False)
-        backend = Backend(topo, channel, models, peer_timeout_s=args.peer_timeout)
+        backend = Backend(topo, channel, models, peer_timeout_s=args.peer_timeout, preview_every_s=args.preview_every)
         backend.start()
         demo = build_demo(backend)
         demo.queue(max_size=64)

@@ -22,15 +22,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import parastep
 from launcher import quality
 from launcher.control import ControlChannel
-from launcher.group import PeerGroup
+from launcher.group import PeerGroup, run_group
+from launcher.methods import METHOD_INFO, configs, ideal_speedup, run_ranks
 from launcher.models import LoadedModel, call_pipeline, denoiser_of, extract_media, preview_of
-from launcher.protocol import CompareOutput, PeerRun, Progress, RunError, RunOutput, Shutdown
-from launcher.request import METHOD_LABELS, GenerateRequest, InputError, ModelInfo
+from launcher.protocol import CompareOutput, PeerRun, Progress, RaceOutput, RunError, RunOutput, Shutdown
+from launcher.request import METHOD_LABELS, METHODS, GenerateRequest, InputError, ModelInfo
 from launcher.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,16 @@ PREVIEW_EVERY_S = 0.3
 class Job:
     """One queued request; the UI iterates :meth:`stream`."""
 
-    def __init__(self, request: GenerateRequest, compare: bool, warnings: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        request: GenerateRequest,
+        compare: bool,
+        warnings: list[str] | None = None,
+        race: tuple[str, ...] = (),
+    ) -> None:
         self.request = request
         self.compare = compare
+        self.race = race  # the methods of a race, in order (empty: not a race)
         self.warnings = warnings or []  # things the user may want to know (e.g. ignored prompt words)
         self.events: queue.Queue[Any] = queue.Queue()
         self.cancelled = threading.Event()
@@ -54,13 +63,13 @@ class Job:
         """The client went away: skip the job if not started; if running, drop its result."""
         self.cancelled.set()
 
-    def stream(self) -> Iterator[Progress | RunOutput | CompareOutput]:
+    def stream(self) -> Iterator[Progress | RunOutput | CompareOutput | RaceOutput]:
         while True:
             event = self.events.get()
             if isinstance(event, BaseException):
                 raise event
             yield event
-            if isinstance(event, (RunOutput, CompareOutput)):
+            if isinstance(event, (RunOutput, CompareOutput, RaceOutput)):
                 return
 
 
@@ -73,8 +82,10 @@ class Backend:
         *,
         peer_timeout_s: float = 30.0,
         heartbeat_stale_s: float = 10.0,
+        preview_every_s: float = PREVIEW_EVERY_S,
     ) -> None:
         self.topo = topo
+        self.preview_every_s = preview_every_s  # 0: no previews
         self.channel = channel
         self.models = models
         self.peer_timeout_s = peer_timeout_s
@@ -137,7 +148,35 @@ class Backend:
     def submit(self, req: GenerateRequest, compare: bool = False) -> Job:
         """Validate (raises InputError) and queue; the job's events say when it starts."""
         req = self.validate(req, compare)
-        job = Job(req, compare, self.models[req.model].prompt_warnings(req.prompt) + req.quality_warnings())
+        return self._queue(
+            Job(req, compare, self.models[req.model].prompt_warnings(req.prompt) + req.quality_warnings())
+        )
+
+    def submit_race(self, req: GenerateRequest, methods: Any) -> Job:
+        """Queue a race of ``methods`` (names from :data:`~launcher.request.METHODS`) on one request;
+        every method's rules are checked first (raises InputError naming the method)."""
+        if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
+            raise InputError(f"Methods must be a list of some of {', '.join(METHODS)} (got {methods!r}).")
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise InputError(f"Unknown method(s) {unknown!r}: choose from {', '.join(METHODS)}.")
+        picked = tuple(m for m in METHODS if m in methods)  # one order for every race: baseline first
+        warnings: list[str] = []
+        checked = None
+        for method in picked:
+            try:
+                checked = self.validate(replace(req, method=method))
+            except InputError as exc:
+                raise InputError(f"{METHOD_LABELS[method]}: {exc}") from None
+            warnings += [w for w in checked.quality_warnings() if w not in warnings]
+        assert checked is not None
+        if "baseline" not in picked:
+            warnings.append("The baseline ran too, first: speedup and PSNR/SSIM are measured against it.")
+        warnings = self.models[checked.model].prompt_warnings(checked.prompt) + warnings
+        return self._queue(Job(checked, True, warnings, race=picked))
+
+    def _queue(self, job: Job) -> Job:
+        req = job.request
         ahead = self._jobs.qsize() + (1 if self._busy else 0)
         try:
             self._jobs.put_nowait(job)
@@ -185,28 +224,23 @@ class Backend:
                 log.info("%s", exc)
         group.rest()
 
-    def _run_job(self, job: Job) -> RunOutput | CompareOutput:
+    def _run_job(self, job: Job) -> RunOutput | CompareOutput | RaceOutput:
         req = job.request
-        if req.method == "parastep" and self.group is not None:
+        methods = job.race or (req.method,)
+        if self.group is not None and any(METHOD_INFO[m].distributed for m in methods):
             self.group.ensure()  # a request that needs a missing peer fails before any work
         if not job.compare:
-            return self._run(job, req.method)
-        base = self._run(job, "baseline")
-        fast = self._run(job, req.method)
-        return CompareOutput(
-            baseline=base,
-            method=fast,
-            speedup=base.wall_s / fast.wall_s if fast.wall_s > 0 else float("nan"),
-            speedup_denoise=base.denoise_s / fast.denoise_s if base.denoise_s and fast.denoise_s else None,
-            psnr=quality.psnr(base.media, fast.media),
-            ssim=quality.ssim(base.media, fast.media),
-        )
+            return self._run(job, req.method, req.sparsetem)
+        base = self._run(job, "baseline", False)
+        if not job.race:
+            return _compared(base, self._run(job, req.method, req.sparsetem))
+        results = [_compared(base, self._run(job, m, req.sparsetem)) for m in methods if m != "baseline"]
+        return RaceOutput(base, results, baseline_picked="baseline" in methods)
 
-    def _run(self, job: Job, method: str) -> RunOutput:
-        req = job.request
+    def _run(self, job: Job, method: str, sparsetem: bool) -> RunOutput:
+        req = replace(job.request, method=method, sparsetem=sparsetem)
         steps = req.steps or 0
         model = self.models[req.model]
-        label = METHOD_LABELS[method]
         last = {"progress": 0.0, "preview": 0.0}
 
         def on_step(step: int, latents: Any) -> None:
@@ -218,25 +252,23 @@ class Backend:
             final = done == steps
             if not final and now - last["progress"] < PROGRESS_EVERY_S:
                 return
-            want_preview = final or now - last["preview"] >= PREVIEW_EVERY_S
+            every = self.preview_every_s
+            want_preview = every > 0 and (final or now - last["preview"] >= every)
             last["progress"] = now
             if want_preview:
                 last["preview"] = now
             job.events.put(Progress(label, done, steps, preview_of(model, latents) if want_preview else None))
 
+        label = ("SparseTem + " if sparsetem else "") + METHOD_LABELS[method]
         job.events.put(Progress(label, 0, steps))
         timing: dict[str, float] = {}
-        note = ""
-        if method == "baseline":
+        note, sparse = "", None
+        if method == "baseline" and not sparsetem:
             out, seconds, stats = self._run_baseline(model, req, on_step, timing)
-            ideal = 1.0
-        elif method == "batchstep":
-            config = parastep.BatchStepConfig(stride=req.stride, warmup_steps=req.warmup_steps)
-            out, seconds, stats = self._run_local(model, req, config, on_step, timing)
-            ideal = parastep.ideal_speedup(steps, req.warmup_steps, req.stride)
+        elif METHOD_INFO[method].distributed:
+            out, seconds, stats, note, sparse = self._run_distributed(model, req, on_step, timing)
         else:
-            out, seconds, stats, note = self._run_parastep(model, req, on_step, timing)
-            ideal = parastep.ideal_speedup(steps, req.warmup_steps, len(stats))
+            out, seconds, stats, sparse = self._run_local(model, req, on_step, timing)
         info = model.info
         return RunOutput(
             method,
@@ -245,19 +277,20 @@ class Backend:
             info.sample_rate,
             seconds,
             stats,
-            ideal,
+            ideal_speedup(req, method, len(stats)),
             note,
             fps=info.fps,
             denoise_s=timing.get("denoise_s"),
+            sparsetem=sparse,
         )
 
     def _run_local(
-        self, model: LoadedModel, req: GenerateRequest, config: Any, on_step: Callable, timing: dict[str, float]
-    ) -> tuple[Any, float, list[parastep.RunStats]]:
-        handle = parastep.apply(model.pipe, config)
+        self, model: LoadedModel, req: GenerateRequest, on_step: Callable, timing: dict[str, float]
+    ) -> tuple[Any, float, list[parastep.RunStats], parastep.SparseTemStats | None]:
+        handle = parastep.apply(model.pipe, configs(req, req.method, 1, self.peer_timeout_s))
         try:
             out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step, timing=timing)
-            return out, seconds, [handle.last_stats]
+            return out, seconds, [handle.last_stats], _sparsetem_stats(handle, req)
         finally:
             handle.remove()
 
@@ -281,23 +314,27 @@ class Backend:
         stats = parastep.RunStats("baseline", steps=steps, warmup_steps=steps, model_calls=calls, wall_s=seconds)
         return out, seconds, [stats]
 
-    def _run_parastep(
+    def _run_distributed(
         self, model: LoadedModel, req: GenerateRequest, on_step: Callable, timing: dict[str, float]
-    ) -> tuple[Any, float, list[parastep.RunStats], str]:
-        group = self.group
+    ) -> tuple[Any, float, list[parastep.RunStats], str, parastep.SparseTemStats | None]:
+        group, label = self.group, METHOD_LABELS[req.method]
         if group is None:
-            raise RunError("ParaStep needs peer ranks and this app runs none.")
+            raise RunError(f"{label} needs peer ranks and this app runs none.")
         members, excluded = group.ensure()
+        ranks = run_ranks(req.method, len(members))
+        if ranks > len(members):
+            raise RunError(f"{label} needs {ranks} ranks and only {len(members)} can take part: " + "; ".join(excluded))
+        members = members[:ranks]
         run_id = self._run_id = self._run_id + 1
-        group.channel.post(PeerRun(run_id, group.gen, members, req, self.peer_timeout_s))
+        group.channel.post(PeerRun(run_id, group.gen, members, req, self.peer_timeout_s, req.method))
         handle = None
         try:
-            config = parastep.ParaStepConfig(warmup_steps=req.warmup_steps, timeout_s=self.peer_timeout_s)
-            handle = parastep.apply(model.pipe, config)  # over the generation's world
+            chain = configs(req, req.method, ranks, self.peer_timeout_s)
+            handle = parastep.apply(model.pipe, chain, group=run_group(ranks))  # over the generation's world
             out, seconds = call_pipeline(model, req, latent_only=False, on_step=on_step, timing=timing)
-            stats0 = handle.last_stats
+            stats0, sparse = handle.last_stats, _sparsetem_stats(handle, req)
         except Exception as exc:
-            message = group.explain(exc, members)
+            message = group.explain(exc, members, label)
             group.abandon(run_id, members)
             raise RunError(message) from exc
         finally:
@@ -307,5 +344,20 @@ class Backend:
         excluded += failed
         note = ""
         if excluded:
-            note = f"ParaStep ran on {len(members)} of {self.topo.world_size} ranks: " + "; ".join(excluded) + "."
-        return out, seconds, [stats0, *peer_stats], note
+            note = f"{label} ran on {len(members)} of {self.topo.world_size} ranks: " + "; ".join(excluded) + "."
+        return out, seconds, [stats0, *peer_stats], note, sparse
+
+
+def _sparsetem_stats(handle: parastep.Handle, req: GenerateRequest) -> parastep.SparseTemStats | None:
+    return parastep.SparseTemStats.of(handle) if req.sparsetem else None
+
+
+def _compared(base: RunOutput, fast: RunOutput) -> CompareOutput:
+    return CompareOutput(
+        baseline=base,
+        method=fast,
+        speedup=base.wall_s / fast.wall_s if fast.wall_s > 0 else float("nan"),
+        speedup_denoise=base.denoise_s / fast.denoise_s if base.denoise_s and fast.denoise_s else None,
+        psnr=quality.psnr(base.media, fast.media),
+        ssim=quality.ssim(base.media, fast.media),
+    )

@@ -2,16 +2,24 @@
 
     python -m launcher.bench                       # built-in image, video and audio models
     python -m launcher.bench --models image --steps 50 --warmup 5 --seeds 3 --model <diffusers id>
+    python -m launcher.bench --models image --guidance 3 --link 10gbit 1gbit 100mbit   # two nodes, a slow link
 
 For each model, in one session of P ranks (one model replica each): one rank per GPU on
 NCCL (rank r on cuda:r) when the machine has two GPUs or more, else CPU ranks on gloo with the
 cores split between them (``--device`` chooses; the table's backend column says which),
 interleaved seed by seed so drift hits every method alike: the baseline on one rank, the
 baseline in one process using all cores, ParaStep with degree 1, ParaStep on P ranks, and
-BatchStep with each stride on one rank; then back-to-back pairs of the baseline and ParaStep
-degree 1 measure the hooks' cost. A stress session (fewer steps, more ranks than cores; on
+BatchStep with each stride on one rank, AsyncDiff with 2 stages (and stride 2 where there are 3
+ranks) and CFG-parallel (at a guidance > 1; pass --guidance where a model's own is 1), each on
+ranks 0..n-1 (a group of their own when the session has more); then back-to-back pairs of the
+baseline and ParaStep degree 1 measure the hooks' cost. A stress session (fewer steps, more ranks than cores; on
 GPUs at most one rank per GPU) reports where the methods' quality differs. Prints a table,
 writes JSON and a PNG plot.
+
+``--link RATE ...`` runs instead, per rate, two CPU ranks as two nodes (:mod:`launcher.link`:
+network namespaces joined by a veth pair, tbf-limited to RATE each way) started by torchrun's
+multi-node rendezvous: the baseline, ParaStep-2, AsyncDiff-2 and CFG-parallel, one table per
+rate, and the bytes the link carried. Needs root (CAP_NET_ADMIN).
 """
 
 from __future__ import annotations
@@ -20,9 +28,13 @@ import argparse
 import json
 import logging
 import os
+import pickle
+import signal
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +45,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parastep
+from launcher.methods import SPARSETEM_ERROR_TARGET
 from launcher.models import LoadedModel, call_pipeline, extract_media, load_models
 from launcher.quality import psnr, ssim
 from launcher.request import GenerateRequest
@@ -45,14 +58,23 @@ log = logging.getLogger("launcher.bench")
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # baseline | parastep | batchstep
-    parallelism: int = 1  # degree or stride
+    kind: str  # baseline | parastep | batchstep | asyncdiff | cfg
+    parallelism: int = 1  # degree or stride (AsyncDiff: its stride, with 2 stages)
     all_cores: bool = False  # rank 0 alone with every core (peers wait)
     busy: bool = False  # every rank runs its own baseline at once: one rank's speed when all compute
+    sparsetem: bool = False  # SparseTem inside each rank's call (models with a frame-by-frame part only)
 
     @property
     def on_all_ranks(self) -> bool:
         return (self.kind == "parastep" and self.parallelism > 1) or self.busy
+
+    @property
+    def group_ranks(self) -> int:
+        """Ranks 0..n-1 that run it on a group of their own (0: none): AsyncDiff's 2 stages + stride - 1, CFG's 2."""
+        return {"asyncdiff": 1 + self.parallelism, "cfg": 2}.get(self.kind, 0)
+
+    def runs_on(self, rank: int) -> bool:
+        return rank == 0 or self.on_all_ranks or rank < self.group_ranks
 
 
 @dataclass(frozen=True)
@@ -69,6 +91,7 @@ class Session:
     all_cores: int
     hook_pairs: int = 0  # alternating baseline / degree-1 runs on rank 0: the hooks' cost
     device: str = "cpu"  # "cuda": rank r on cuda:r, NCCL; "cpu": gloo
+    guidance: float | None = None  # None: each model's own
 
     @property
     def backend(self) -> str:
@@ -88,25 +111,49 @@ class Run:
     media: Any = None  # rank 0's decoded output, for quality against the baseline
     psnr: float = float("nan")
     ssim: float = float("nan")
+    skipped_work: float | None = None  # SparseTem: the fraction of its layers' multiply-adds skipped
 
 
 def _config(method: Method, warmup: int) -> Any:
+    config = _method_config(method, warmup)
+    if not method.sparsetem:
+        return config
+    return [parastep.SparseTemConfig(error_target=SPARSETEM_ERROR_TARGET), *([config] if config else [])]
+
+
+def _method_config(method: Method, warmup: int) -> Any:
     if method.kind == "parastep":
         return parastep.ParaStepConfig(warmup_steps=warmup, degree=method.parallelism)
     if method.kind == "batchstep":
         return parastep.BatchStepConfig(stride=method.parallelism, warmup_steps=warmup)
+    if method.kind == "asyncdiff":
+        return parastep.AsyncDiffConfig(stages=2, stride=method.parallelism, warmup_steps=warmup)
+    if method.kind == "cfg":
+        return parastep.CFGParallelConfig()
     return None
 
 
-def request_for(name: str, model: LoadedModel, steps: int, warmup: int, seed: int) -> GenerateRequest:
-    """The request the benchmark measures: the model's first example prompt and its defaults."""
+def contestants(ranks: int) -> tuple[Method, ...]:
+    """AsyncDiff with 2 stages (stride 2 too where there are 3 ranks) and CFG-parallel."""
+    strides = [1, 2] if ranks >= 3 else [1]
+    return (
+        *(Method("asyncdiff-2" + ("-stride-2" if s == 2 else ""), "asyncdiff", s) for s in strides),
+        Method("cfg-parallel", "cfg"),
+    )
+
+
+def request_for(
+    name: str, model: LoadedModel, steps: int, warmup: int, seed: int, guidance: float | None = None
+) -> GenerateRequest:
+    """The request the benchmark measures: the model's first example prompt and its defaults
+    (``guidance``: another guidance scale)."""
     info = model.info
     return GenerateRequest(
         model=name,
         prompt=info.examples[0] if info.examples else "a red circle",
         steps=steps,
         warmup_steps=warmup,
-        guidance_scale=info.default_guidance,
+        guidance_scale=info.default_guidance if guidance is None else guidance,
         seed=seed,
         height=info.default_height,
         width=info.default_width,
@@ -117,6 +164,13 @@ def request_for(name: str, model: LoadedModel, steps: int, warmup: int, seed: in
 
 def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _serve(rank, session, queue.put)
+
+
+def _serve(rank: int, session: Session, emit: Callable[[tuple[str, Any]], None]) -> None:
+    """One rank of a session (its process group from the environment's MASTER_ADDR/PORT): every
+    model, seed and method; rank 0 emits ``("run", Run)``, ``("hooks", ...)``, and every rank
+    ``("done", rank)`` or ``("error", text)``."""
     cores = (os.sched_getaffinity(0), core_share(rank, session.ranks))  # (all, this rank's), as the app pins
     if cores[1]:
         os.sched_setaffinity(0, cores[1])
@@ -131,26 +185,41 @@ def _worker(rank: int, session: Session, port: int, queue: Any) -> None:
             )
         else:
             dist.init_process_group("gloo", rank=rank, world_size=session.ranks, timeout=timedelta(minutes=30))
+        # a method on fewer ranks than the session's gets ranks 0..n-1 as a group; every rank creates each
+        sizes = sorted({m.group_ranks for m in session.methods if 1 < m.group_ranks < session.ranks})
+        groups = {n: dist.new_group(list(range(n))) for n in sizes}
         models = load_models(list(session.builtins), list(session.extra), device)
         for name, model in models.items():
-            warm = replace(request_for(name, model, session.steps, session.warmup, 0), steps=2)
+            warm = replace(request_for(name, model, session.steps, session.warmup, 0, session.guidance), steps=2)
             call_pipeline(model, warm, latent_only=rank > 0)  # first-call costs stay out of the table
             for seed in session.seeds:
-                req = request_for(name, model, session.steps, session.warmup, seed)
+                req = request_for(name, model, session.steps, session.warmup, seed, session.guidance)
                 for method in session.methods:
                     dist.barrier()
-                    if rank > 0 and not method.on_all_ranks:
+                    if not method.runs_on(rank):
                         continue
-                    run = _run_one(rank, session, name, model, req, method, cores)
+                    if method.kind == "cfg" and not (req.guidance_scale or 0) > 1:
+                        if rank == 0 and seed == session.seeds[0]:
+                            emit(
+                                (
+                                    "note",
+                                    f"{name}: no {method.name} row: guidance {req.guidance_scale} has no "
+                                    "guidance batch; pass --guidance 3 (any value > 1) for one",
+                                )
+                            )
+                        continue
+                    if method.sparsetem and not model.info.sparsetem_parts:
+                        continue  # SparseTem rows are for models with a frame-by-frame part
+                    run = _run_one(rank, session, name, model, req, method, cores, groups.get(method.group_ranks))
                     if rank == 0:
-                        queue.put(("run", run))
+                        emit(("run", run))
             if rank == 0 and session.hook_pairs:
-                queue.put(("hooks", (name, _hook_cost(session, name, model))))
+                emit(("hooks", (name, _hook_cost(session, name, model))))
             dist.barrier()
         dist.barrier()
-        queue.put(("done", rank))
+        emit(("done", rank))
     except BaseException as exc:  # report, never leave the parent waiting
-        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        emit(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
         raise
     finally:
         if dist.is_initialized():
@@ -165,9 +234,10 @@ def _run_one(
     req: GenerateRequest,
     method: Method,
     cores: tuple[set[int], set[int]],
+    group: Any = None,
 ) -> Run | None:
     config = _config(method, session.warmup)
-    handle = parastep.apply(model.pipe, config) if config else None
+    handle = parastep.apply(model.pipe, config, group) if config else None
     if method.all_cores:
         os.sched_setaffinity(0, cores[0])
         torch.set_num_threads(session.all_cores)
@@ -180,11 +250,16 @@ def _run_one(
         if handle:
             handle.remove()
     stats = handle.last_stats if handle else None
+    skipped = parastep.SparseTemStats.of(handle).skipped_work if handle and method.sparsetem else None
     calls: list[int] = [stats.model_calls] if stats else [req.steps or 0]
     sent = stats.bytes_sent if stats else 0
     if method.on_all_ranks and not method.busy:  # gather every rank's calls and bytes on rank 0
         gathered: list[Any] = [None] * session.ranks
         dist.all_gather_object(gathered, (calls[0], sent))
+        calls, sent = [c for c, _ in gathered], sum(b for _, b in gathered)
+    elif method.group_ranks:  # the same over the method's own ranks
+        gathered = [None] * method.group_ranks
+        dist.all_gather_object(gathered, (calls[0], sent), group=group)
         calls, sent = [c for c, _ in gathered], sum(b for _, b in gathered)
     if rank > 0:
         return None
@@ -199,6 +274,7 @@ def _run_one(
         [asdict(r) for r in stats.records] if stats else [],
     )
     run.media = extract_media(out, model.info.modality)
+    run.skipped_work = skipped
     return run
 
 
@@ -240,7 +316,7 @@ def _hook_cost(session: Session, name: str, model: LoadedModel) -> dict[str, Any
       a step costs only the pipeline, the scheduler and the hooks, so microseconds show;
       ``pct_of_step`` relates them to the real baseline's step time.
     """
-    req = request_for(name, model, session.steps, session.warmup, 0)
+    req = request_for(name, model, session.steps, session.warmup, 0, session.guidance)
     real = _pairs(model, req, session.hook_pairs)
     ratios = [h / b for b, h in real]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
@@ -294,6 +370,9 @@ def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
             if kind == "done":
                 done += 1
                 continue
+            if kind == "note":
+                print(f"[{session.label}] {value}", file=sys.stderr, flush=True)
+                continue
             if kind == "hooks":
                 session_hooks[value[0]] = value[1]
                 print(
@@ -315,10 +394,112 @@ def run_session(session: Session) -> tuple[list[Run], dict[str, dict]]:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    for run in runs:  # quality against the one-rank baseline of the same model and seed
+    _score(runs)
+    return runs, session_hooks
+
+
+def _score(runs: list[Run]) -> None:
+    """Each run's quality against the one-rank baseline of the same model and seed."""
+    for run in runs:
         ref = next(r for r in runs if r.model == run.model and r.seed == run.seed and r.method == "baseline-1rank")
         run.psnr, run.ssim = psnr(ref.media, run.media), ssim(ref.media, run.media)
-    return runs, session_hooks
+
+
+LINK_PORT = 29400  # the rendezvous port on node 0 (a namespace of its own: nothing else listens there)
+
+
+def link_rank(session_path: Path, out_path: Path) -> int:
+    """One rank of a ``--link`` session, as torchrun starts it on either node: its rank from
+    torchrun's RANK, its process group on torchrun's store; rank 0 writes what it measured to
+    ``out_path`` (a pickle read back by the process that started torchrun, on this machine)."""
+    raw = json.loads(session_path.read_text())
+    session = Session(
+        **{
+            **raw,
+            "seeds": tuple(raw["seeds"]),
+            "builtins": tuple(raw["builtins"]),
+            "extra": tuple(raw["extra"]),
+            "methods": tuple(Method(**m) for m in raw["methods"]),
+        }
+    )
+    rank = int(os.environ["RANK"])
+    events: list[tuple[str, Any]] = []
+    try:
+        _serve(rank, session, events.append)
+    finally:
+        if rank == 0:
+            with out_path.open("wb") as f:
+                pickle.dump(events, f)
+    return 0
+
+
+def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run], list[int]]:
+    """``session`` on two nodes joined by a link of ``rate``: one torchrun per node, multi-node
+    rendezvous. Returns rank 0's runs and the bytes each node sent over the link in all."""
+    from launcher import link
+
+    session_path, out_path = workdir / "session.json", workdir / f"runs-{rate}.pickle"
+    session_path.write_text(json.dumps(asdict(session)))
+    out_path.unlink(missing_ok=True)
+    procs: list[subprocess.Popen] = []
+    logs = [workdir / f"node{n}-{rate}.log" for n in range(2)]
+    with link.two_nodes(rate) as net:
+        try:
+            for node, addr in enumerate(link.ADDRESSES):
+                env = dict(os.environ, GLOO_SOCKET_IFNAME=link.INTERFACE, OMP_NUM_THREADS=str(session.threads))
+                env["PYTHONPATH"] = os.pathsep.join(
+                    [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+                )
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    "--nproc-per-node=1",
+                    "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={link.ADDRESSES[0]}:{LINK_PORT}",
+                    f"--rdzv-id=bench-{os.getpid()}",
+                    f"--local-addr={addr}",
+                    f"--rdzv-conf=is_host={int(node == 0)}",  # node 0 holds the store (its hostname resolves elsewhere)
+                    "--max-restarts=0",
+                    "-m",
+                    "launcher.bench",
+                    "--link-rank",
+                    str(session_path),
+                    str(out_path),
+                ]
+                with logs[node].open("w") as log_file:
+                    procs.append(
+                        subprocess.Popen(
+                            net.exec(node, cmd),
+                            env=env,
+                            stdout=log_file,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+            deadline = time.monotonic() + 3600
+            for proc in procs:
+                proc.wait(timeout=max(1, deadline - time.monotonic()))
+            carried = [net.sent_bytes(0), net.sent_bytes(1)]
+        finally:
+            for proc in procs:  # torchrun and its worker share the session this process gave them
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+    events = pickle.loads(out_path.read_bytes()) if out_path.exists() else []
+    errors = [v for k, v in events if k == "error"]
+    for note in (v for k, v in events if k == "note"):
+        print(f"[{session.label}] {note}", file=sys.stderr, flush=True)
+    if errors or any(p.returncode for p in procs) or not events:
+        tails = "\n".join(f"--- {path} ---\n{path.read_text()[-2000:]}" for path in logs)
+        raise RuntimeError(f"link {rate}: the ranks failed: {'; '.join(errors) or 'no result'}\n{tails}")
+    runs = [v for k, v in events if k == "run"]
+    _score(runs)
+    return runs, carried
 
 
 def _computed_step_s(runs: list[Run], method: str, warmup: int) -> list[float]:
@@ -332,6 +513,10 @@ def _ideal(method: Method, session: Session, runs: list[Run]) -> float:
         return 1.0
     if method.kind == "parastep":
         return parastep.ideal_speedup(session.steps, session.warmup, method.parallelism)
+    if method.kind == "asyncdiff":  # every step after warm-up costs 1/(stages*stride) of one, stages balanced
+        return session.steps / (session.warmup + (session.steps - session.warmup) / (2 * method.parallelism))
+    if method.kind == "cfg":  # every step costs a half batch, taken as half the time
+        return 2.0
     # BatchStep: T*t(1) / (W*t(1) + blocks*t(S)), t(S) the measured step holding a batched call of S
     # (-> S*t(1)/t(S), the batching limit, for long runs); t(1) from the degree-1 run's steps
     t1 = _computed_step_s(runs, "parastep-1", session.warmup)
@@ -366,7 +551,11 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
                     method=method.name,
                     steps=session.steps,
                     warmup=session.warmup,
-                    ranks=session.ranks if method.busy else method.parallelism if method.on_all_ranks else 1,
+                    ranks=session.ranks
+                    if method.busy
+                    else method.parallelism
+                    if method.on_all_ranks
+                    else method.group_ranks or 1,
                     backend=f"{session.backend}:{session.device}",
                     wall_median_s=med,
                     wall_min_s=min(walls),
@@ -380,6 +569,7 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
                     psnr_db=statistics.median(finite) if finite else float("inf"),
                     ssim=statistics.median(r.ssim for r in rs),
                     time_split=_time_split(rs, session.warmup) if method.kind == "parastep" else None,
+                    skipped_work=statistics.median(r.skipped_work or 0.0 for r in rs) if method.sparsetem else None,
                     # ParaStep's ceiling on this machine: the ideal, slowed as one rank slows when all compute
                     busy_ceiling=ideal * base1 / statistics.median(busy)
                     if busy and method.on_all_ranks and not method.busy
@@ -473,12 +663,23 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--app" in argv:  # the app's Compare against this benchmark: launcher/app_bench.py
+        from launcher import app_bench
+
+        return app_bench.main([a for a in argv if a != "--app"])
     p = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=["image", "video", "audio"], help="built-in kinds to measure")
     p.add_argument("--model", action="append", default=[], help="a diffusers model id or path (local cache only)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale for every method (default: each model's own; CFG-parallel needs > 1)",
+    )
     p.add_argument(
         "--ranks",
         type=int,
@@ -501,11 +702,22 @@ def main(argv: list[str] | None = None) -> int:
         help="back-to-back (baseline, degree-1) pairs per model measuring the hooks' cost (0: skip)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument(
+        "--link",
+        nargs="+",
+        metavar="RATE",
+        help="run 2 ranks as two nodes (network namespaces, a veth pair limited to RATE each way, e.g. "
+        "10gbit 1gbit 100mbit; torchrun's multi-node rendezvous): baseline, ParaStep-2, AsyncDiff-2 and "
+        "CFG-parallel per rate. Needs root (CAP_NET_ADMIN)",
+    )
+    p.add_argument("--link-rank", nargs=2, type=Path, help=argparse.SUPPRESS)  # what torchrun starts per node
     args = p.parse_args(argv)
+    if args.link_rank:
+        return link_rank(*args.link_rank)
     cores, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
     device = args.device if args.device != "auto" else "cuda" if gpus >= 2 else "cpu"
     ranks = args.ranks or (gpus if device == "cuda" else cores)
-    if ranks < 2:
+    if ranks < 2 and not args.link:
         p.error("ParaStep needs at least 2 ranks: pass --ranks 2")
     if device == "cuda" and ranks > gpus:
         p.error(
@@ -517,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--warmup must be between 1 and --steps - 1 ({args.steps - 1}), got {args.warmup}")
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.link:
+        return _main_link(p, args, argv)
 
     methods = (
         Method("baseline-1rank", "baseline"),
@@ -525,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
         Method("parastep-1", "parastep", 1),
         Method(f"parastep-{ranks}", "parastep", ranks),
         *(Method(f"batchstep-{s}", "batchstep", s) for s in args.strides),
+        *contestants(ranks),
+        Method("sparsetem", "baseline", sparsetem=True),
+        Method(f"sparsetem+parastep-{ranks}", "parastep", ranks, sparsetem=True),
     )
     seeds = tuple(range(args.seeds))
     main_session = Session(
@@ -540,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         cores,
         args.hook_pairs,
         device,
+        args.guidance,
     )
     sessions = [main_session]
     if stress_degree:
@@ -548,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
             Method(f"parastep-{ranks}", "parastep", ranks),
             Method(f"parastep-{stress_degree}", "parastep", stress_degree),
             Method(f"batchstep-{max(args.strides)}", "batchstep", max(args.strides)),
+            *contestants(max(ranks, stress_degree)),  # on 3 ranks: AsyncDiff-2 and CFG on a group of 2
         )
         stress_methods = tuple({m.name: m for m in stress_methods}.values())  # parastep-P once
         sessions.append(
@@ -576,6 +795,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ideal_speedup'] / r['busy_ceiling']:.2f}x slower while every rank computes (baseline-busy), "
                 f"so its ceiling here is {r['busy_ceiling']:.2f}x; measured {r['speedup_vs_1rank']:.2f}x = "
                 f"{r['speedup_vs_1rank'] / r['busy_ceiling']:.2f} of it"
+            )
+    for r in rows:
+        if r.get("skipped_work") is not None:
+            print(
+                f"\n{r['session']} {r['model']} {r['method']}: SparseTem skipped {r['skipped_work']:.1%} of its "
+                f"layers' multiply-adds (median); {r['speedup_vs_1rank']:.2f}x the dense baseline at "
+                f"PSNR {r['psnr_db']:.1f} dB"
             )
     print(
         f"\nhook cost with nothing to parallelise (ParaStep degree 1 / baseline, {args.hook_pairs} "
@@ -606,6 +832,69 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot(rows, args.out / "bench.png")
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+def _main_link(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    from launcher import link
+
+    if args.device == "cuda":
+        p.error("--link runs CPU ranks on gloo (one per namespace): leave --device out or pass --device cpu")
+    try:
+        for rate in args.link:
+            link.rate_bits(rate)
+    except link.LinkError as exc:
+        p.error(str(exc))
+    why = link.unavailable()
+    if why:
+        p.exit(2, f"python -m launcher.bench --link: {why}\n")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the namespaces are deleted
+    cores = len(os.sched_getaffinity(0))
+    methods = (Method("baseline-1rank", "baseline"), Method("parastep-2", "parastep", 2), *contestants(2))
+    session = Session(
+        "link",
+        2,
+        args.steps,
+        args.warmup,
+        tuple(range(args.seeds)),
+        methods,
+        tuple(args.models),
+        tuple(args.model),
+        max(1, cores // 2),
+        cores,
+        guidance=args.guidance,
+    )
+    rows: list[dict] = []
+    links: list[dict] = []
+    started = time.perf_counter()
+    for rate in args.link:
+        rated = replace(session, label=f"link-{rate}")
+        print(f"[link {rate}] two nodes, tbf {rate} each way, no added latency", file=sys.stderr, flush=True)
+        try:
+            runs, carried = _link_session(rated, rate, args.out)
+        except KeyboardInterrupt:
+            print("interrupted: the ranks are stopped and the namespaces removed", file=sys.stderr)
+            return 130
+        mine = summarise(rated, runs)
+        rows += mine
+        links.append(dict(rate=rate, bits_per_s=link.rate_bits(rate), sent_bytes=carried))
+        print(f"\nlink {rate} each way (tbf), two nodes, 1 rank each:\n{format_table(mine)}", flush=True)
+        print(f"the link carried {carried[0]:,} B from node 0 and {carried[1]:,} B from node 1 in all", flush=True)
+    (args.out / "link.json").write_text(
+        json.dumps(
+            dict(
+                command=" ".join(["python -m launcher.bench", *(argv if argv is not None else sys.argv[1:])]),
+                cores=cores,
+                threads_per_rank=session.threads,
+                seconds=time.perf_counter() - started,
+                links=links,
+                rows=rows,
+            ),
+            indent=2,
+            default=str,
+        )
+    )
+    print(f"\nwrote {args.out / 'link.json'}")
     return 0
 
 

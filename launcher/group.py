@@ -4,9 +4,10 @@ over them, and what to tell the user when a peer fails.
 A generation is a fresh ``init_process_group`` over the healthy ranks, on the control store
 under a prefix of its own, renumbered 0..n-1 with rank 0 first. Any failure, a peer that died,
 came back or was respawned, starts the next generation: every member aborts its world and joins
-the new one. There are no sub-groups, so no group name can ever differ between ranks (a
-``new_group`` name depends on each process's history), no NCCL communicator split has to wait
-for a dead rank, and gloo and NCCL recover through the same code.
+the new one. The only sub-group, the first two ranks for methods that run on exactly two
+(CFG-parallel) in a world of more, is made by every member right after the world itself, so its
+name (a counter that a fresh world resets) is the same everywhere; no NCCL communicator split
+has to wait for a dead rank, and gloo and NCCL recover through the same code.
 
 Rank 0's coordinator calls :meth:`PeerGroup.ensure` before every ParaStep run; peers join when
 they read the :class:`~launcher.protocol.Regroup` that names them (:func:`join_world`).
@@ -31,9 +32,22 @@ log = logging.getLogger(__name__)
 
 IDLE_LEAVE_S = 10.0  # an unused world is left: gloo's own loop wakes every 10 ms while one exists
 
+_pair: dist.ProcessGroup | None = None  # the world's first two ranks, in a world of 3 or more
+
+
+def run_group(ranks: int) -> dist.ProcessGroup | None:
+    """The process group of a run on the world's first ``ranks`` ranks (None: the whole world)."""
+    if not dist.is_initialized() or ranks == dist.get_world_size():
+        return None
+    if ranks == 2 and _pair is not None:
+        return _pair
+    raise RunError(f"no process group of {ranks} ranks in a world of {dist.get_world_size()}")
+
 
 def leave_world() -> None:
     """Abort this process's world, if any: a failed one may hold operations that never finish."""
+    global _pair
+    _pair = None
     if dist.is_initialized():
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         try:
@@ -57,6 +71,9 @@ def join_world(topo: Topology, gen: int, members: tuple[int, ...], timeout_s: fl
         timeout=timedelta(seconds=timeout_s),
         device_id=topo.device if topo.device.type == "cuda" else None,
     )
+    if len(members) > 2:
+        global _pair
+        _pair = dist.new_group([0, 1])
 
 
 class PeerGroup:
@@ -143,9 +160,9 @@ class PeerGroup:
                 healthy.append(rank)
         if not healthy:
             raise RunError(
-                "ParaStep has no peer rank to run with: "
+                "ParaStep, AsyncDiff and CFG-parallel have no peer rank to run with: "
                 + "; ".join(problems)
-                + ". Baseline and BatchStep still work on rank 0; ParaStep comes back by itself when a peer does."
+                + ". Baseline and BatchStep still work on rank 0; the others come back by themselves when a peer does."
             )
         members = (0, *healthy)
         if members != self.members or self.dirty:
@@ -215,8 +232,8 @@ class PeerGroup:
                 child.proc.wait()
         self.heal()
 
-    def explain(self, exc: Exception, members: tuple[int, ...]) -> str:
-        """A failed ParaStep run as a message that names the rank and what still works."""
+    def explain(self, exc: Exception, members: tuple[int, ...], label: str = "ParaStep") -> str:
+        """A failed distributed run as a message that names the rank and what still works."""
         self.dirty = True
         engine_refused = isinstance(exc, parastep.ParaStepError) and not isinstance(exc, parastep.CommError)
         deadline = time.monotonic() + (0.0 if engine_refused else 3.0)  # a killed process needs a moment
@@ -226,11 +243,11 @@ class PeerGroup:
                 break
             time.sleep(0.1)
         if not problems and not isinstance(exc, parastep.CommError):
-            return f"ParaStep cannot run this request: {type(exc).__name__}: {exc}"
+            return f"{label} cannot run this request: {type(exc).__name__}: {exc}"
         cause = "; ".join(problems) if problems else str(exc)
         return (
-            f"ParaStep failed: {cause}. Baseline and BatchStep still work on rank 0; "
-            "ParaStep goes on with the ranks that are left; a spawned rank that died or stays silent is started again."
+            f"{label} failed: {cause}. Baseline and BatchStep still work on rank 0; "
+            f"{label} goes on with the ranks that are left; a spawned rank that died or stays silent is started again."
         )
 
     def rank_states(self) -> list[dict[str, str | int]]:

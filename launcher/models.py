@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from launcher.request import GenerateRequest, Modality, ModelInfo
+from parastep.strategies.sparsetem import supported_parts
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def describe(name: str, pipe: Any, kind: str | None) -> ModelInfo:
         sample_rate=int(sample_rate or 16000) if modality == "audio" else None,
         fixed_size=fixed,
         fps=int(getattr(pipe, "fps", 8)),
+        sparsetem_parts=supported_parts(pipe) if modality == "video" else (),
     )
 
 

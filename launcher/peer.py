@@ -1,4 +1,4 @@
-"""The serve loop of a peer rank: wait for rank 0's messages, join worlds, run ParaStep, report."""
+"""The serve loop of a peer rank: wait for rank 0's messages, join worlds, run methods, report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import traceback
 
 import parastep
 from launcher.control import ControlChannel, start_heartbeat
-from launcher.group import join_world, leave_world
+from launcher.group import join_world, leave_world, run_group
+from launcher.methods import configs
 from launcher.models import LoadedModel, call_pipeline
 from launcher.protocol import PeerReport, PeerRun, Regroup, Shutdown
 from launcher.topology import Topology
@@ -51,8 +52,8 @@ def _run(topo: Topology, models: dict[str, LoadedModel], msg: PeerRun) -> PeerRe
     req = msg.request
     handle = None
     try:
-        config = parastep.ParaStepConfig(warmup_steps=req.warmup_steps, timeout_s=msg.timeout_s)
-        handle = parastep.apply(models[req.model].pipe, config)
+        chain = configs(req, msg.method, len(msg.members), msg.timeout_s)
+        handle = parastep.apply(models[req.model].pipe, chain, group=run_group(len(msg.members)))
         call_pipeline(models[req.model], req, latent_only=True)
         return PeerReport(topo.rank, msg.run_id, True, stats=handle.last_stats)
     except Exception as exc:  # reported to rank 0, the loop goes on

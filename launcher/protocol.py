@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from launcher.request import GenerateRequest, Modality
-from parastep import RunStats
+from launcher.request import METHOD_LABELS, METHODS, GenerateRequest, Modality
+from parastep import RunStats, SparseTemStats
 
 
 class RunError(RuntimeError):
@@ -47,6 +47,7 @@ class RunOutput:
     note: str = ""
     fps: int = 8
     denoise_s: float | None = None  # until the last denoising step ended (no decoding)
+    sparsetem: SparseTemStats | None = None  # rank 0's, when SparseTem ran
 
     @property
     def model_calls(self) -> list[int]:
@@ -55,6 +56,14 @@ class RunOutput:
     @property
     def bytes_communicated(self) -> int:
         return sum(s.bytes_sent for s in self.stats)
+
+    @property
+    def label(self) -> str:
+        """E.g. "ParaStep (2 ranks)", "SparseTem + ParaStep (2 ranks)", "Baseline"."""
+        name = METHOD_LABELS[self.method]
+        if self.sparsetem is not None:
+            name = "SparseTem" if self.method == "baseline" else f"SparseTem + {name}"
+        return f"{name} ({len(self.stats)} ranks)" if len(self.stats) > 1 else name
 
 
 @dataclass
@@ -65,6 +74,20 @@ class CompareOutput:
     speedup_denoise: float | None
     psnr: float
     ssim: float
+
+
+@dataclass
+class RaceOutput:
+    """Several methods on the same request, one after another: each against the baseline, which
+    runs first (``baseline_picked``: the user asked for it; else it ran as the reference)."""
+
+    baseline: RunOutput
+    results: list[CompareOutput]
+    baseline_picked: bool = True
+
+    @property
+    def runs(self) -> list[RunOutput]:
+        return ([self.baseline] if self.baseline_picked else []) + [r.method for r in self.results]
 
 
 # ---- rank 0 -> peers, and back (through the control store, as JSON) ---------------------------
@@ -79,13 +102,15 @@ class Regroup:
 
 @dataclass(frozen=True)
 class PeerRun:
-    """Members of group ``gen`` run ``request`` with ParaStep and report their stats."""
+    """Members of group ``gen`` run ``request`` with ``method`` (see :mod:`launcher.methods`)
+    and report their stats."""
 
     run_id: int
     gen: int
     members: tuple[int, ...]
     request: GenerateRequest
     timeout_s: float
+    method: str = "parastep"
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,7 @@ def encode(msg: Message) -> str:
             members=list(msg.members),
             request=msg.request.to_dict(),
             timeout_s=msg.timeout_s,
+            method=msg.method,
         )
     elif isinstance(msg, PeerReport):
         body.update(
@@ -131,6 +157,12 @@ def encode(msg: Message) -> str:
     elif not isinstance(msg, Shutdown):
         raise TypeError(f"not a control message: {type(msg).__name__}")
     return json.dumps(body, allow_nan=False)
+
+
+def _method(name: Any) -> str:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}")
+    return str(name)
 
 
 def decode(data: str | bytes) -> Message:
@@ -147,6 +179,7 @@ def decode(data: str | bytes) -> Message:
                 tuple(int(r) for r in body["members"]),
                 GenerateRequest.from_dict(body["request"]),
                 float(body["timeout_s"]),
+                _method(body["method"]),
             )
         if kind == "PeerReport":
             stats = RunStats.from_dict(body["stats"]) if body.get("stats") is not None else None

@@ -18,9 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-Method = Literal["baseline", "parastep", "batchstep"]
-METHODS: tuple[Method, ...] = ("baseline", "parastep", "batchstep")
-METHOD_LABELS: dict[str, str] = {"baseline": "Baseline", "parastep": "ParaStep", "batchstep": "BatchStep"}
+Method = Literal["baseline", "parastep", "batchstep", "asyncdiff", "cfg"]
+METHODS: tuple[Method, ...] = ("baseline", "parastep", "batchstep", "asyncdiff", "cfg")
+METHOD_LABELS: dict[str, str] = {
+    "baseline": "Baseline",
+    "parastep": "ParaStep",
+    "batchstep": "BatchStep",
+    "asyncdiff": "AsyncDiff",
+    "cfg": "CFG-parallel",
+}
 Modality = Literal["image", "video", "audio"]
 
 MAX_PROMPT_CHARS = 400
@@ -50,6 +56,7 @@ class ModelInfo:
     fps: int = 8
     examples: tuple[str, ...] = ()
     vocabulary: str = ""  # what a built-in model understands, for the prompt's help text
+    sparsetem_parts: tuple[str, ...] = ()  # what SparseTem can accelerate (parastep.strategies.sparsetem)
 
 
 # -- one rule per field --------------------------------------------------------------------------
@@ -110,6 +117,16 @@ class _Number:
         return int(number) if self.whole else float(number)
 
 
+@dataclass(frozen=True)
+class _Flag:
+    label: str
+
+    def parse(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{self.label} must be true or false (got {_show(value)}).")
+        return value
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -137,6 +154,7 @@ class GenerateRequest:
     width: int | None = _rule(_Number("Width", 1, MAX_SIDE, whole=True), None)
     num_frames: int | None = _rule(_Number("Frames", 1, 256, whole=True), None)
     duration_s: float | None = _rule(_Number("Duration", 0.0, 60.0, whole=False, above_low=True, unit=" s"), None)
+    sparsetem: bool = _rule(_Flag("SparseTem"), False)
 
     def validated(self, models: Mapping[str, ModelInfo], ranks: int, compare: bool = False) -> GenerateRequest:
         """This request with every field checked and the model's defaults filled in.
@@ -153,7 +171,7 @@ class GenerateRequest:
                 values[f.name] = rule.parse(value)
         req = replace(self, **values)
         info = models[req.model]
-        return req._with_model(info)._check_method(ranks, compare)
+        return req._with_model(info)._check_method(ranks, compare, info)
 
     def _with_model(self, info: ModelInfo) -> GenerateRequest:
         """The model's defaults for what was left out, and its size rules."""
@@ -200,22 +218,45 @@ class GenerateRequest:
             duration_s=duration,
         )
 
-    def _check_method(self, ranks: int, compare: bool) -> GenerateRequest:
-        """The method's rules: they read steps, warm-up and stride together."""
+    def _check_method(self, ranks: int, compare: bool, info: ModelInfo) -> GenerateRequest:
+        """The method's rules: they read steps, warm-up, stride, guidance and SparseTem together."""
         method, steps, warmup, stride = self.method, self.steps or 0, self.warmup_steps, self.stride
-        if compare and method == "baseline":
-            raise InputError("Compare runs the baseline against ParaStep or BatchStep: pick one of those as method.")
-        if method != "baseline" and warmup >= steps:
+        label = METHOD_LABELS[method]
+        if compare and method == "baseline" and not self.sparsetem:
+            raise InputError(
+                "Compare runs the baseline against another method: pick ParaStep, BatchStep, AsyncDiff or "
+                "CFG-parallel (or turn on SparseTem to compare it alone against the dense baseline)."
+            )
+        if method not in ("baseline", "cfg") and warmup >= steps:
             raise InputError(f"Warm-up ({warmup}) must be smaller than steps ({steps}): lower warm-up or raise steps.")
-        if method == "parastep":
-            if warmup < 1:
+        if method in ("parastep", "asyncdiff", "cfg") and ranks < 2:
+            raise InputError(
+                f"{label} needs at least 2 ranks and this app runs {ranks}: start it with --ranks 2 (CPU) "
+                "or on 2+ GPUs."
+            )
+        if method == "parastep" and warmup < 1:
+            raise InputError(
+                "ParaStep needs at least 1 warm-up step: peers reuse the prediction cached during warm-up."
+            )
+        if method == "asyncdiff" and warmup < 1:
+            raise InputError(
+                "AsyncDiff needs at least 1 warm-up step: its stages start from the activations of the step before."
+            )
+        if method == "cfg" and (self.guidance_scale or 0) <= 1:
+            raise InputError(
+                f"CFG-parallel splits the guidance batch between 2 ranks, and at guidance {self.guidance_scale:g} "
+                "there is none: raise guidance above 1."
+            )
+        if self.sparsetem:
+            if not info.sparsetem_parts:
                 raise InputError(
-                    "ParaStep needs at least 1 warm-up step: peers reuse the prediction cached during warm-up."
+                    f"SparseTem skips what does not change between video frames, and {info.name} has no "
+                    "frame-by-frame part it can accelerate: turn SparseTem off."
                 )
-            if ranks < 2:
+            if method in ("asyncdiff", "cfg"):
                 raise InputError(
-                    f"ParaStep needs at least 2 ranks and this app runs {ranks}: start it with --ranks 2 (CPU) "
-                    "or on 2+ GPUs."
+                    f"SparseTem runs alone (method Baseline) or with ParaStep or BatchStep, not with {label}: "
+                    "pick one of those or turn SparseTem off."
                 )
         if method == "batchstep":
             if warmup < 1:

@@ -16,11 +16,13 @@ pipelines or collectives (:meth:`Topology.bind_device`): CUDA's current device i
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -140,6 +142,25 @@ def _loopback_store() -> tuple[dist.TCPStore, int]:
     return store, port
 
 
+def route_interface(host: str) -> str | None:
+    """The name of this machine's network interface whose IPv4 address routes to ``host`` (None
+    when there is none, or the host is unknown)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP: picks the route, sends nothing
+            local = probe.getsockname()[0]
+            for _, name in socket.if_nameindex():
+                try:  # SIOCGIFADDR: the interface's (primary) IPv4 address
+                    packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue
+                if socket.inet_ntoa(packed[20:24]) == local:
+                    return name
+    except OSError:
+        return None
+    return None
+
+
 def _device(local_rank: int, local_world: int) -> torch.device:
     """This rank's GPU: cuda:LOCAL_RANK when the process sees every GPU of its node, cuda:0 when
     its launcher gave it one (CUDA_VISIBLE_DEVICES)."""
@@ -197,6 +218,13 @@ def start(ranks: int, threads_per_rank: int | None, argv: list[str]) -> Topology
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
+        if torchrun and local_world < world and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # ranks on several nodes: gloo's default (the hostname's address) may be loopback or
+            # unreachable from the other nodes; the interface that reaches the store's host is not
+            ifname = route_interface(os.environ["MASTER_ADDR"])
+            if ifname:
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
+                log.info("gloo on %s, the interface that reaches %s", ifname, os.environ["MASTER_ADDR"])
         mine = core_share(local_rank, local_world)
         if mine and (threads_per_rank or len(mine)) <= len(mine):
             os.sched_setaffinity(0, mine)

@@ -13,6 +13,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from launcher.methods import METHOD_INFO
 from launcher.testing import shared_app
 
 pytestmark = pytest.mark.slow  # starts the app or the benchmark as subprocesses
@@ -94,6 +95,14 @@ def test_compare(client: Client, kind: str) -> None:
     assert psnr == "inf" or psnr > 5, psnr
     assert -1 <= stats["ssim"] <= 1
     panel = result[7]
+    # the panel's figures are the run's own numbers, formatted
+    cells = {line.split("|")[1].strip(): line.split("|")[2:4] for line in panel.splitlines() if line.startswith("| ")}
+    walls = [float(c.strip().rstrip(" s")) for c in cells["Wall time (whole call)"]]
+    assert walls == [round(stats[side]["wall_s"], 2) for side in ("baseline", "method")]
+    assert cells["Speedup"][1].strip() == f"**{stats['speedup']:.2f}×**"
+    assert cells["Ideal speedup for these settings"][1].strip() == f"{stats['ideal_speedup']:.2f}×"
+    for side, cell in zip(("baseline", "method"), cells["Model calls per rank"]):
+        assert cell.strip() == " · ".join(str(c) for c in stats[side]["model_calls_per_rank"])
     for row in (
         "Wall time",
         "Speedup",
@@ -172,3 +181,56 @@ def test_concurrent_users_queue_and_a_disconnect_leaves_ranks_in_step(client: Cl
     assert all(numbers(r)["ranks"] == 2 for r in results)
     stats = numbers(run(client, "/generate", "image"))
     assert stats["ranks"] == 2 and not stats["note"]
+
+
+def test_race_runs_every_method_on_the_same_seed_against_the_baseline(client: Client) -> None:
+    methods = ["baseline", "parastep", "batchstep", "asyncdiff", "cfg"]
+    result = run(client, "/race", "image", methods=methods)
+    gallery, table, race = result[0], result[6], result[8]
+    race = json.loads(race) if isinstance(race, str) else race
+    assert len(gallery) == 5
+    captions = [item.get("caption", "") for item in gallery]
+    for label in ("Baseline", "ParaStep (2 ranks)", "BatchStep", "AsyncDiff (2 ranks)", "CFG-parallel (2 ranks)"):
+        assert any(c.startswith(label) for c in captions), (label, captions)
+    got = {m["method"]["method"]: m for m in race["methods"]}
+    assert list(got) == methods[1:]
+    for method, m in got.items():
+        calls = m["method"]["model_calls_per_rank"]
+        assert m["speedup"] == pytest.approx(race["baseline"]["wall_s"] / m["method"]["wall_s"], rel=0.02)
+        assert len(calls) == (1 if method == "batchstep" else 2), (method, calls)
+        assert (m["method"]["bytes_communicated"] > 0) == (method != "batchstep"), method
+    assert got["cfg"]["psnr_db"] == "inf" or got["cfg"]["psnr_db"] > 40  # exact up to float rounding
+    assert got["cfg"]["method"]["model_calls_per_rank"] == [STEPS, STEPS]
+    for method in methods:
+        assert METHOD_INFO[method].trade in table
+    shared = client.predict(api_name="/share")  # this session's last race, as one PNG grid
+    from PIL import Image
+
+    grid = Image.open(media_path(shared))
+    assert grid.format == "PNG" and grid.width >= 5 * 192, grid.size
+
+
+def test_race_refuses_a_method_that_cannot_run_naming_it(client: Client) -> None:
+    with pytest.raises(AppError, match="CFG-parallel: CFG-parallel splits the guidance batch"):
+        run(client, "/race", "image", methods=["parastep", "cfg"], guidance_scale=1.0)
+    with pytest.raises(AppError, match="Unknown method"):
+        run(client, "/race", "image", methods=["parastep", "fast"])
+
+
+def test_sparsetem_on_the_video_model_alone_and_with_parastep(client: Client) -> None:
+    for method in ("baseline", "parastep"):
+        result = run(client, "/compare", "video", method=method, sparsetem=True)
+        stats = numbers(result)
+        st = stats["method"]["sparsetem"]
+        assert st["parts"] == ["denoiser"] and st["layers"], st
+        assert 0 < st["skipped_work"] < 1, st
+        assert stats["psnr_db"] == "inf" or stats["psnr_db"] > 20, stats["psnr_db"]  # against dense
+        print(
+            f"\nSparseTem with {method}: skipped {st['skipped_work']:.1%}, {st['seconds']:.3f} s, "
+            f"PSNR {stats['psnr_db']}"
+        )
+        assert stats["baseline"]["sparsetem"] is None  # compared against the dense baseline
+        assert stats["method"]["ranks"] == (2 if method == "parastep" else 1)
+        assert "SparseTem" in result[7] and "Skipped" in result[7]
+    with pytest.raises(AppError, match="no frame-by-frame part"):
+        run(client, "/compare", "image", method="parastep", sparsetem=True)

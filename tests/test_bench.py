@@ -75,8 +75,21 @@ def test_bench_table(tmp_path):
             "parastep-2",
             "batchstep-2",
             "batchstep-4",
+            "asyncdiff-2",
+            "cfg-parallel",
         )
-    } | {("stress", m) for m in ("baseline-1rank", "parastep-2", "parastep-3", "batchstep-4")}
+    } | {
+        ("stress", m)
+        for m in (
+            "baseline-1rank",
+            "parastep-2",
+            "parastep-3",
+            "batchstep-4",
+            "asyncdiff-2",
+            "asyncdiff-2-stride-2",
+            "cfg-parallel",
+        )
+    }
     for r in rows:  # every printed row is in the table
         assert any(line.split()[:3] == [r["session"], r["model"], r["method"]] for line in lines)
         assert 0 < r["wall_min_s"] <= r["wall_median_s"] <= r["wall_max_s"]
@@ -110,3 +123,40 @@ def test_bench_table(tmp_path):
     stress = {m: r for (s, m), r in by.items() if s == "stress"}
     assert stress["parastep-3"]["model_calls_per_rank"] == "4/3/3"  # windows 2-4 and 5: W + windows reaching
     assert stress["parastep-2"]["model_calls_per_rank"] == "4/4/2"  # rank 2 of 3 only follows
+    _check_contestants(main, stress)
+
+
+def _check_contestants(main: dict, stress: dict) -> None:
+    """AsyncDiff and CFG-parallel: calls, bytes and quality; on 3 ranks they run on a group of 2."""
+    assert main["asyncdiff-2"]["model_calls_per_rank"] == f"{STEPS}/{STEPS}"  # every rank, every step
+    assert main["cfg-parallel"]["model_calls_per_rank"] == f"{STEPS}/{STEPS}"  # half batches
+    assert main["asyncdiff-2"]["ideal_speedup"] == STEPS / (WARMUP + (STEPS - WARMUP) / 2)
+    assert main["cfg-parallel"]["ideal_speedup"] == 2.0
+    # AsyncDiff sends block activations every step: more than ParaStep's step messages
+    assert main["asyncdiff-2"]["bytes_per_call"] > main["parastep-2"]["bytes_per_call"] > 0
+    assert main["cfg-parallel"]["bytes_per_call"] > 0
+    assert 10 < main["asyncdiff-2"]["psnr_db"] < math.inf  # approximate: stale activations
+    assert main["cfg-parallel"]["psnr_db"] > 100  # exact up to float reduction order
+    assert main["asyncdiff-2"]["ranks"] == main["cfg-parallel"]["ranks"] == 2
+    assert stress["asyncdiff-2"]["ranks"] == stress["cfg-parallel"]["ranks"] == 2  # a group of 2 in 3 ranks
+    assert stress["asyncdiff-2"]["model_calls_per_rank"] == "6/6"
+    assert stress["cfg-parallel"]["model_calls_per_rank"] == "6/6" and stress["cfg-parallel"]["psnr_db"] > 100
+    assert stress["asyncdiff-2-stride-2"]["ranks"] == 3
+    assert len(stress["asyncdiff-2-stride-2"]["model_calls_per_rank"].split("/")) == 3
+    assert stress["asyncdiff-2-stride-2"]["bytes_per_call"] > 0
+
+
+def test_bench_sparsetem_rows_on_the_video_model_only(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "launcher.bench", "--models", "image", "video", "--steps", "4", "--warmup", "1"]
+    cmd += ["--seeds", "1", "--ranks", "2", "--device", "cpu", "--strides", "--stress-degree", "0"]
+    cmd += ["--hook-pairs", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    sparse = {(r["model"], r["method"]): r for r in rows if r["method"].startswith("sparsetem")}
+    assert set(sparse) == {("built-in video", "sparsetem"), ("built-in video", "sparsetem+parastep-2")}
+    for (_, method), row in sparse.items():
+        assert 0 <= row["skipped_work"] <= 1 and row["wall_median_s"] > 0
+        assert row["model_calls_per_rank"].count("/") == (1 if method.endswith("parastep-2") else 0)
+        assert f"built-in video {method}: SparseTem skipped" in proc.stdout

@@ -80,3 +80,48 @@ def test_compare_in_a_real_browser(tmp_path: Path) -> None:
             expect(page.get_by_label("Height")).to_be_hidden()
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium: bash scripts/setup.sh --browser")
+def test_race_and_share_in_a_real_browser(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    app = shared_app(APP_ARGS)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1400},
+        )
+        try:
+            page = browser.new_page()
+            page.goto(app.url)
+            expect(page.locator("#steps input")).not_to_have_value("0")
+            page.locator("#steps input").fill("6")
+            page.get_by_role("tab", name="Race").click()
+            page.locator("#race-methods").get_by_label("AsyncDiff").check()  # with the default three: four
+            page.locator("#race-btn").click()
+            table = page.locator("#race-table table")
+            expect(table).to_be_visible(timeout=240_000)
+            for label in ("Baseline", "ParaStep (2 ranks)", "BatchStep", "AsyncDiff (2 ranks)"):
+                expect(table).to_contain_text(label)
+            expect(page.locator("#race-table")).to_contain_text("crosses the link")
+            expect(page.locator("#race-gallery img")).to_have_count(4)
+            expect(page.locator("#race-timeline img, #race-timeline svg, #race-timeline canvas").first).to_be_visible()
+            page.locator("#share-btn").click()
+            expect(page.locator("#race-share a").first).to_be_visible(timeout=60_000)
+            page.wait_for_timeout(500)
+            shot = tmp_path / "race.png"
+            page.screenshot(path=str(shot), full_page=True)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, SCREENSHOT.parent / "race.png")
+
+            # The video model offers SparseTem; the image model does not.
+            expect(page.locator("#sparsetem")).to_be_hidden()
+            page.get_by_label("Model").click()
+            page.get_by_role("option", name="built-in video").click()
+            expect(page.locator("#sparsetem")).to_be_visible()
+        finally:
+            browser.close()

@@ -106,7 +106,9 @@ def test_valid_request_is_normalised_and_parastep_needs_two_ranks() -> None:
     assert (ok.prompt, ok.method, ok.steps, ok.height, ok.width) == ("a fox", "parastep", 10, 64, 64)
     with pytest.raises(InputError, match="ParaStep needs at least 2 ranks"):
         _backend(world_size=1).validate(req)
-    with pytest.raises(InputError, match="Compare runs the baseline against ParaStep or BatchStep"):
+    with pytest.raises(
+        InputError, match="Compare runs the baseline against another method: pick ParaStep, BatchStep, AsyncDiff or CFG"
+    ):
         _backend().validate(GenerateRequest(model="sd", prompt="a fox", method="baseline"), compare=True)
 
 

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 import gradio as gr
 
-from launcher.protocol import CompareOutput, Progress, RunError, RunOutput
+from launcher.methods import METHOD_INFO
+from launcher.protocol import CompareOutput, Progress, RaceOutput, RunError, RunOutput
 from launcher.request import METHOD_LABELS, GenerateRequest, InputError, ModelInfo
-from ui import media, panel
+from ui import media, panel, share
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,19 @@ OUTPUTS = (
     "status",
 )
 
+RACE_SLOTS = 5  # one per method at most
+# The outputs of /race, in order: a gallery (images or videos; audio: waveforms), one audio
+# player per method, the table, the per-rank timelines, numbers and status. /share then exports
+# the session's last race as one file.
+RACE_OUTPUTS = (
+    "race_gallery",
+    *(f"race_audio_{i + 1}" for i in range(RACE_SLOTS)),
+    "race_table",
+    "race_timeline",
+    "race_numbers",
+    "race_status",
+)
+
 
 class _Blocks(gr.Blocks):
     """Blocks that refuse a call with more inputs than the endpoint takes (Gradio drops them)."""
@@ -58,6 +72,7 @@ class _Blocks(gr.Blocks):
 class BackendLike(Protocol):
     def model_infos(self) -> dict[str, ModelInfo]: ...
     def submit(self, req: GenerateRequest, compare: bool = False) -> Any: ...
+    def submit_race(self, req: GenerateRequest, methods: Any) -> Any: ...
     def status(self) -> dict[str, Any]: ...
 
 
@@ -101,6 +116,7 @@ def _model_fields(info: ModelInfo) -> dict[str, dict[str, Any]]:
         "width": {"visible": spatial, "interactive": editable, "value": info.default_width},
         "frames": {"visible": info.modality == "video", "interactive": editable, "value": info.default_frames},
         "duration": {"visible": info.modality == "audio", "interactive": editable, "value": info.default_duration_s},
+        "sparsetem": {"visible": bool(info.sparsetem_parts), "value": False},
     }
 
 
@@ -110,6 +126,40 @@ def _vocabulary(info: ModelInfo | None) -> str:
 
 def _examples(info: ModelInfo | None) -> list[list[str]]:
     return [[p] for p in info.examples] if info and info.examples else [["a red fox in fresh snow, golden hour"]]
+
+
+def _race_values(result: RaceOutput, warnings: list[str]) -> list[Any]:
+    """The /race outputs in order (:data:`RACE_OUTPUTS`), and the race for Share."""
+    runs = result.runs
+    audio: list[Any] = [gr.update(value=None, visible=False) for _ in range(RACE_SLOTS)]
+    gallery: list[tuple[Any, str]] = []
+    for i, run in enumerate(runs):
+        caption = f"{run.label} · {run.wall_s:.2f} s"
+        if run.modality == "image":
+            gallery.append((media.write_image(run.media), caption))
+        elif run.modality == "video":
+            gallery.append((media.write_video(run.media, fps=run.fps), caption))
+        else:
+            gallery.append((media.preview_image(run.media), caption))
+            path = media.write_audio(run.media, run.sample_rate or 16000)
+            audio[i] = gr.update(value=path, visible=True, label=caption)
+    fastest = min(result.results, key=lambda r: r.method.wall_s, default=None)
+    done = f"**Done**: {len(runs)} method(s)" + (
+        f"; fastest {fastest.method.label} at {fastest.speedup:.2f}× the baseline." if fastest else "."
+    )
+    numbers = panel.race_numbers(result) | {"warnings": warnings}
+    timeline = panel.timeline(runs, labels=[r.label for r in runs])
+    return [gallery, *audio, panel.race_markdown(result, METHOD_INFO), timeline, numbers, done, result]
+
+
+def _share_entries(result: RaceOutput) -> list[share.ShareEntry]:
+    by_run = {id(r.method): r for r in result.results}
+    entries = []
+    for run in result.runs:
+        r = by_run.get(id(run))
+        note = f"{r.speedup:.2f}× · {panel.psnr_text(r.psnr)}" if r else "reference"
+        entries.append(share.ShareEntry(run.label, run.wall_s, run.media, note))
+    return entries
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -159,6 +209,13 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                     width = gr.Number(None, label="Width")
                     frames = gr.Number(None, label="Frames")
                     duration = gr.Number(None, label="Duration (s)")
+                sparsetem = gr.Checkbox(
+                    False,
+                    label="SparseTem: compute each frame only where it changed (video)",
+                    info="with Baseline it runs alone against the dense baseline; it combines with ParaStep/BatchStep",
+                    visible=bool(first and first.sparsetem_parts),
+                    elem_id="sparsetem",
+                )
                 with gr.Row():
                     generate_btn = gr.Button("Generate", elem_id="generate-btn")
                     compare_btn = gr.Button("Compare with baseline", variant="primary", elem_id="compare-btn")
@@ -169,36 +226,66 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                     type="values",
                     elem_id="examples",
                 )
-            with gr.Column(scale=3, min_width=400):
-                run_status = gr.Markdown(
-                    "Pick a model and press **Compare with baseline**.",
-                    label="Status",
-                    elem_id="run-status",
-                    min_height=56,
-                    padding=True,
-                )
-                preview = gr.Image(
-                    label="Live preview (streamed while denoising)",
-                    type="numpy",
-                    interactive=False,
-                    elem_classes="crisp",
-                    elem_id="preview",
-                    height=200,
-                )
-                with gr.Row():
-                    with gr.Column(elem_id="left-output"):
-                        left_title = gr.Markdown("**Result**")
-                        left = _side("Result (the baseline in Compare)", first)
-                    with gr.Column(elem_id="right-output", visible=False) as right_col:
-                        right_title = gr.Markdown("**Accelerated**")
-                        right = _side("Accelerated (Compare only)", first)
-                latency = gr.Markdown(label="Latency panel", elem_id="latency-panel")
-                plot = gr.Plot(label="Per-rank timeline", elem_id="timeline")
-                with gr.Accordion("Raw numbers", open=False):
-                    details = gr.JSON(label="Numbers (JSON)")
-                with gr.Accordion("Ranks", open=False):
-                    cluster = gr.JSON(value=status, label="Ranks")
-                    refresh = gr.Button("Refresh", size="sm")
+            with gr.Column(scale=3, min_width=400), gr.Tabs():
+                with gr.Tab("Compare", id="compare-tab"):
+                    run_status = gr.Markdown(
+                        "Pick a model and press **Compare with baseline**.",
+                        label="Status",
+                        elem_id="run-status",
+                        min_height=56,
+                        padding=True,
+                    )
+                    preview = gr.Image(
+                        label="Live preview (streamed while denoising)",
+                        type="numpy",
+                        interactive=False,
+                        elem_classes="crisp",
+                        elem_id="preview",
+                        height=200,
+                    )
+                    with gr.Row():
+                        with gr.Column(elem_id="left-output"):
+                            left_title = gr.Markdown("**Result**")
+                            left = _side("Result (the baseline in Compare)", first)
+                        with gr.Column(elem_id="right-output", visible=False) as right_col:
+                            right_title = gr.Markdown("**Accelerated**")
+                            right = _side("Accelerated (Compare only)", first)
+                    latency = gr.Markdown(label="Latency panel", elem_id="latency-panel")
+                    plot = gr.Plot(label="Per-rank timeline", elem_id="timeline")
+                    with gr.Accordion("Raw numbers", open=False):
+                        details = gr.JSON(label="Numbers (JSON)")
+                with gr.Tab("Race", id="race-tab"):
+                    with gr.Row():
+                        race_methods = gr.CheckboxGroup(
+                            [(label, key) for key, label in METHOD_LABELS.items()],
+                            value=["baseline", "parastep", "batchstep"],
+                            label="Methods (same prompt and seed, one after another)",
+                            elem_id="race-methods",
+                        )
+                        race_btn = gr.Button("Race", variant="primary", elem_id="race-btn", scale=0)
+                    race_status = gr.Markdown("Pick methods and press **Race**.", elem_id="race-status", padding=True)
+                    race_gallery = gr.Gallery(
+                        label="Side by side",
+                        columns=RACE_SLOTS,
+                        height="auto",
+                        elem_id="race-gallery",
+                        object_fit="contain",
+                    )
+                    race_audio = [
+                        gr.Audio(type="filepath", interactive=False, visible=False, elem_id=f"race-audio-{i + 1}")
+                        for i in range(RACE_SLOTS)
+                    ]
+                    race_table = gr.Markdown(elem_id="race-table")
+                    race_plot = gr.Plot(label="Per-rank timeline per method", elem_id="race-timeline")
+                    with gr.Row():
+                        share_btn = gr.Button("Share: export the race as one file", elem_id="share-btn", size="sm")
+                        race_share = gr.File(label="Side-by-side file", elem_id="race-share", interactive=False)
+                    with gr.Accordion("Raw numbers", open=False):
+                        race_details = gr.JSON(label="Numbers (JSON)")
+                    last_race = gr.State(None)
+        with gr.Accordion("Ranks", open=False):
+            cluster = gr.JSON(value=status, label="Ranks")
+            refresh = gr.Button("Refresh", size="sm")
 
         inputs = [
             prompt,
@@ -214,6 +301,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
             width,
             frames,
             duration,
+            sparsetem,
         ]
         outputs = [preview, *left, *right, latency, plot, details, run_status]
         assert len(outputs) == len(OUTPUTS)
@@ -228,8 +316,8 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 for side in (left, right)
                 for component, kind in zip(side, ("image", "video", "audio"))
             }
-            field_components = {"steps": steps, "guidance": guidance, "height": height, "width": width}
-            field_components |= {"frames": frames, "duration": duration}
+            field_components: dict[str, Any] = {"steps": steps, "guidance": guidance, "height": height, "width": width}
+            field_components |= {"frames": frames, "duration": duration, "sparsetem": sparsetem}
             for key, props in _model_fields(info).items():
                 updates[field_components[key]] = gr.update(**props)
             updates[prompt] = gr.update(value=info.examples[0] if info.examples else "")
@@ -238,6 +326,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
             return updates
 
         model_fields = [*left, *right, prompt, height, width, frames, duration, steps, guidance, examples, vocabulary]
+        model_fields += [sparsetem]
         model.change(on_model, [model], model_fields, api_visibility="private")
         demo.load(on_model, [model], model_fields, api_visibility="private", queue=False)
 
@@ -295,6 +384,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 width: int | None = None,
                 num_frames: int | None = None,
                 duration_s: float | None = None,
+                sparsetem: bool = False,
                 progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio injects progress
             ) -> Iterator[dict[Any, Any]]:
                 req = GenerateRequest(
@@ -311,6 +401,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                     width=width,
                     num_frames=num_frames,
                     duration_s=duration_s,
+                    sparsetem=sparsetem,
                 )
                 yield from run(compare, req, progress)
 
@@ -349,5 +440,85 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                 preprocess=False,
                 show_progress_on=[run_status],
             )
+        race_outputs = [race_gallery, *race_audio, race_table, race_plot, race_details, race_status, last_race]
+
+        def race(
+            prompt: str,
+            model: str = names[0] if names else "",
+            negative_prompt: str = "",
+            methods: list[str] | None = None,
+            warmup_steps: int = 2,
+            stride: int = 2,
+            steps: int | None = None,
+            guidance_scale: float | None = None,
+            seed: int = 0,
+            height: int | None = None,
+            width: int | None = None,
+            num_frames: int | None = None,
+            duration_s: float | None = None,
+            sparsetem: bool = False,
+            progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio injects progress
+        ) -> Iterator[dict[Any, Any]]:
+            """Run several methods on the same prompt and seed, one after another, each against the
+            baseline: media side by side, one latency table, per-rank timelines."""
+            req = GenerateRequest(
+                prompt=prompt,
+                model=model,
+                negative_prompt=negative_prompt,
+                warmup_steps=warmup_steps,
+                stride=stride,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                duration_s=duration_s,
+                sparsetem=sparsetem,
+            )
+            try:
+                job = backend.submit_race(req, ["baseline", "parastep", "batchstep"] if methods is None else methods)
+            except (InputError, RunError) as exc:
+                raise _error(exc) from None
+            for note in job.warnings:
+                gr.Warning(note)
+            try:
+                for event in job.stream():
+                    if isinstance(event, Progress):
+                        desc = f"{event.label}: step {event.step}/{event.total}" if event.step else event.label
+                        progress(event.step / max(1, event.total), desc=desc)
+                    elif isinstance(event, RaceOutput):
+                        yield dict(zip(race_outputs, _race_values(event, job.warnings), strict=True))
+            except (InputError, RunError) as exc:
+                raise _error(exc) from None
+            finally:
+                job.cancel()
+
+        race_btn.click(
+            race,
+            [prompt, model, negative, race_methods, *inputs[4:]],
+            race_outputs,
+            api_name="race",
+            concurrency_limit=8,
+            concurrency_id="runs",
+            preprocess=False,
+            show_progress_on=[race_status],
+        )
+
+        def export(result: RaceOutput | None) -> str:
+            """The last race of this session as one side-by-side file (PNG grid, or MP4)."""
+            if result is None:
+                raise gr.Error("Run a race first: Share exports the last one.", title="Nothing to share")
+            return str(
+                share.export_race(
+                    _share_entries(result),
+                    result.baseline.modality,
+                    media.output_dir(),
+                    fps=result.baseline.fps,
+                    sample_rate=result.baseline.sample_rate,
+                )
+            )
+
+        share_btn.click(export, [last_race], [race_share], api_name="share", concurrency_id="runs")
         refresh.click(backend.status, None, cluster, api_name="status")
     return demo

@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 
@@ -126,3 +127,8 @@ def write_audio(wave: np.ndarray, sample_rate: int) -> str:
     path = new_output_path(".wav")
     soundfile.write(path, np.clip(wave, -1.0, 1.0).astype(np.float32), int(sample_rate), subtype="PCM_16")
     return path
+
+
+def output_dir() -> Path:
+    """The folder results are written to (swept like :func:`new_output_path`'s files)."""
+    return Path(new_output_path("")).parent

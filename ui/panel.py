@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from launcher.protocol import CompareOutput, RunOutput
+from launcher.methods import MethodInfo
+from launcher.protocol import CompareOutput, RaceOutput, RunOutput
 from launcher.request import METHOD_LABELS
 
 # Below this PSNR against the baseline an output differs visibly from it (the built-in image
@@ -26,9 +28,11 @@ def human_bytes(n: float) -> str:
 
 
 def _label(run: RunOutput) -> str:
-    name = METHOD_LABELS[run.method]
-    ranks = len(run.stats)
-    return f"{name} ({ranks} ranks)" if run.method == "parastep" else name
+    return run.label
+
+
+def psnr_text(value: float) -> str:
+    return "∞ (identical)" if value == float("inf") else f"{value:.2f} dB"
 
 
 def _calls(run: RunOutput) -> str:
@@ -45,7 +49,49 @@ def run_numbers(run: RunOutput) -> dict[str, Any]:
         "model_calls_per_rank": run.model_calls,
         "bytes_communicated": run.bytes_communicated,
         "note": run.note,
+        "sparsetem": _sparsetem_numbers(run),
     }
+
+
+def _sparsetem_numbers(run: RunOutput) -> dict[str, Any] | None:
+    st = run.sparsetem
+    if st is None:
+        return None
+    return {
+        "parts": list(st.parts),
+        "error_target": st.error_target,
+        "skipped_work": round(st.skipped_work, 4),
+        "seconds": round(st.seconds, 4),
+        "max_error": None if st.max_error is None else round(st.max_error, 5),
+        "layers": [
+            {"name": layer.name, "mode": layer.mode, "skipped_fraction": round(layer.skipped_fraction, 4)}
+            | {"seconds": round(layer.seconds, 4), "error": layer.error}
+            for layer in st.layers
+        ],
+    }
+
+
+def sparsetem_markdown(run: RunOutput) -> str:
+    """SparseTem's effect: work skipped, time in its layers, measured error, the busiest layers."""
+    st = run.sparsetem
+    if st is None:
+        return ""
+    worst = "not audited" if st.max_error is None else f"{st.max_error:.4f}"
+    rows = [
+        f"\n\n#### SparseTem ({', '.join(st.parts)})\n",
+        f"Skipped **{st.skipped_work:.0%}** of the multiply-adds of its diff layers; {st.seconds:.2f} s in its "
+        f"layers; largest audited relative error {worst} (target {st.error_target:g}).\n",
+        "| Layer | Mode | Skipped tiles | Time | Error |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for layer in sorted(st.layers, key=lambda layer: -layer.seconds)[:8]:
+        error = "—" if layer.error is None else f"{layer.error:.4f}"
+        rows.append(
+            f"| {layer.name} | {layer.mode} | {layer.skipped_fraction:.0%} | {layer.seconds * 1e3:.1f} ms | {error} |"
+        )
+    if len(st.layers) > 8:
+        rows.append(f"\n{len(st.layers) - 8} more layer(s) in the raw numbers.")
+    return "\n".join(rows)
 
 
 def compare_numbers(result: CompareOutput) -> dict[str, Any]:
@@ -63,7 +109,7 @@ def compare_numbers(result: CompareOutput) -> dict[str, Any]:
 
 def compare_markdown(result: CompareOutput) -> str:
     base, fast = result.baseline, result.method
-    psnr = "∞ (identical)" if result.psnr == float("inf") else f"{result.psnr:.2f} dB"
+    psnr = psnr_text(result.psnr)
     rows = [
         f"| | Baseline | {_label(fast)} |",
         "|---|---:|---:|",
@@ -84,6 +130,7 @@ def compare_markdown(result: CompareOutput) -> str:
         f"| SSIM vs baseline | — | {result.ssim:.4f} |",
     ]
     note = f"\n\n⚠️ {fast.note}" if fast.note else ""
+    note += sparsetem_markdown(fast)
     if result.psnr < QUALITY_FLOOR_DB:
         note += (
             f"\n\n⚠️ **PSNR {result.psnr:.1f} dB is below {QUALITY_FLOOR_DB:g} dB**: this result differs visibly "
@@ -103,18 +150,62 @@ def run_markdown(run: RunOutput) -> str:
         f"| Bytes communicated | {human_bytes(run.bytes_communicated)} |",
     ]
     note = f"\n\n⚠️ {run.note}" if run.note else ""
-    return "### Latency\n\n" + "\n".join(rows) + note
+    return "### Latency\n\n" + "\n".join(rows) + note + sparsetem_markdown(run)
 
 
-def timeline(runs: list[RunOutput]) -> Figure:
+def race_numbers(result: RaceOutput) -> dict[str, Any]:
+    return {
+        "baseline": run_numbers(result.baseline),
+        "baseline_picked": result.baseline_picked,
+        "methods": [compare_numbers(r) | {"label": r.method.label} for r in result.results],
+    }
+
+
+def race_markdown(result: RaceOutput, info: Mapping[str, MethodInfo]) -> str:
+    """One row per method: wall and denoising time, speedups, ideal, calls, bytes, quality; then
+    one line per method saying what it trades."""
+    base = result.baseline
+    rows = [
+        "| Method | Wall (denoising) | Speedup (denoising) | Ideal | Calls per rank | Bytes | PSNR · SSIM |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def wall(run: RunOutput) -> str:
+        return f"{run.wall_s:.2f} s" + (f" ({run.denoise_s:.2f} s)" if run.denoise_s is not None else "")
+
+    if result.baseline_picked:
+        rows.append(
+            f"| {base.label} | {wall(base)} | 1.00× | 1.00× | {_calls(base)} | "
+            f"{human_bytes(base.bytes_communicated)} | — |"
+        )
+    for r in result.results:
+        run = r.method
+        sd = f" ({r.speedup_denoise:.2f}×)" if r.speedup_denoise is not None else ""
+        flag = " ⚠️" if r.psnr < QUALITY_FLOOR_DB else ""
+        rows.append(
+            f"| {run.label} | {wall(run)} | **{r.speedup:.2f}×**{sd} | {run.ideal_speedup:.2f}× | {_calls(run)} | "
+            f"{human_bytes(run.bytes_communicated)} | {psnr_text(r.psnr)}{flag} · {r.ssim:.3f} |"
+        )
+    lines = [f"- **{info[run.method].label}**: {info[run.method].trade}" for run in result.runs]
+    notes = [f"⚠️ {run.label}: {run.note}" for run in result.runs if run.note]
+    if not result.baseline_picked:
+        notes.append(f"The baseline ran first as the reference ({base.wall_s:.2f} s).")
+    if any(r.psnr < QUALITY_FLOOR_DB for r in result.results):
+        notes.append(f"⚠️ marks a PSNR below {QUALITY_FLOOR_DB:g} dB: visibly different from the baseline.")
+    extra = "".join(sparsetem_markdown(r.method) for r in result.results)
+    return "### Race\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines + notes) + extra
+
+
+def timeline(runs: list[RunOutput], labels: list[str] | None = None) -> Figure:
     """One row per (run, rank), one box per step coloured by what that rank did for it."""
     rows: list[tuple[str, list[tuple[int, str]]]] = []
-    for run in runs:
+    for i, run in enumerate(runs):
+        name = labels[i] if labels else METHOD_LABELS[run.method]
         for stats in run.stats:
             records = [(r.step, r.action) for r in stats.records]
             if not records:  # the baseline computes every step
                 records = [(i, "computed") for i in range(stats.steps)]
-            rows.append((f"{METHOD_LABELS[run.method]} · rank {stats.rank}", records))
+            rows.append((f"{name} · rank {stats.rank}", records))
     fig = Figure(figsize=(8, 1.1 + 0.4 * len(rows)), dpi=100)  # no pyplot: no global state, any thread
     ax = fig.subplots()
     for y, (_, records) in enumerate(reversed(rows)):
