@@ -6,6 +6,8 @@ held-out prompts and checker templates are reproducible.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .vocab import PALETTE
@@ -23,16 +25,22 @@ F_MIN = 40.0
 F_MAX = 8000.0
 DB_FLOOR = -80.0  # log-mel range mapped to [-1, 1]
 DB_REF = 1000.0  # mel power mapped to 0 dB, above the loudest training tone
+GRIFFIN_LIM_ITERS = 16  # with momentum 0.99; see assets/audio/README.md
+NNLS_ITERS = 30  # mel → linear power; see mel_to_stft_power
 
 _SUPERSAMPLE = 4
-SHAPE_HALF_SIZE = {"small": 4.0, "large": 7.5}
+_IMAGE_SCALE = IMAGE_SIZE / 32  # image geometry below is in pixels of a 32×32 frame
+SHAPE_HALF_SIZE = {"small": 4.0 * _IMAGE_SCALE, "large": 7.5 * _IMAGE_SCALE}
 VIDEO_HALF_SIZE = 5.5
 POSITION_CENTERS = {
-    "center": (16.0, 16.0),
-    "top left": (9.0, 9.0),
-    "top right": (23.0, 9.0),
-    "bottom left": (9.0, 23.0),
-    "bottom right": (23.0, 23.0),
+    name: (x * _IMAGE_SCALE, y * _IMAGE_SCALE)
+    for name, (x, y) in {
+        "center": (16.0, 16.0),
+        "top left": (9.0, 9.0),
+        "top right": (23.0, 9.0),
+        "bottom left": (9.0, 23.0),
+        "bottom right": (23.0, 23.0),
+    }.items()
 }
 PITCH_HZ = {"low": 220.0, "middle": 440.0, "high": 880.0}
 
@@ -69,8 +77,8 @@ def render_image(attrs: dict[str, str], rng: np.random.Generator | None = None) 
     cx, cy = POSITION_CENTERS[attrs["position"]]
     half = SHAPE_HALF_SIZE[attrs["size"]]
     if rng is not None:
-        cx += rng.uniform(-1.0, 1.0)
-        cy += rng.uniform(-1.0, 1.0)
+        cx += rng.uniform(-1.0, 1.0) * _IMAGE_SCALE
+        cy += rng.uniform(-1.0, 1.0) * _IMAGE_SCALE
         half *= rng.uniform(0.9, 1.1)
     m = shape_mask(attrs["shape"], cx, cy, half, IMAGE_SIZE)[..., None]
     fg = _colour(attrs["color"], rng, 0.05)
@@ -139,10 +147,26 @@ def synth_tone(attrs: dict[str, str], rng: np.random.Generator | None = None) ->
     return (gain * wave * env * fade).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1)
 def _mel_basis() -> np.ndarray:
     import librosa
 
-    return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=F_MIN, fmax=F_MAX)
+    return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=F_MIN, fmax=F_MAX).astype(np.float32)
+
+
+def mel_to_stft_power(power: np.ndarray, n_iter: int = NNLS_ITERS) -> np.ndarray:
+    """Non-negative power spectrum X with ``mel_basis @ X ≈ power`` (mels×frames → bins×frames).
+
+    The same non-negative least-squares problem as librosa's ``mel_to_stft``, solved by
+    multiplicative updates (Lee & Seung) from ``mel_basisᵀ @ power``: ``n_iter`` pairs of small
+    matrix products, where librosa's L-BFGS-B over every bin and frame at once took 0.4–4 s a clip.
+    """
+    basis = _mel_basis()
+    target = basis.T @ power.astype(np.float32)
+    x = target.copy()
+    for _ in range(n_iter):
+        x *= target / np.maximum(basis.T @ (basis @ x), 1e-30)
+    return x
 
 
 def audio_to_mel(wave: np.ndarray) -> np.ndarray:
@@ -164,8 +188,10 @@ def audio_to_mel(wave: np.ndarray) -> np.ndarray:
     return (db / -DB_FLOOR * 2 + 1).astype(np.float32)
 
 
-def mel_to_audio(mel: np.ndarray, n_iter: int = 32, length: int | None = None) -> np.ndarray:
-    """Inverse of :func:`audio_to_mel` by librosa's mel inversion + Griffin-Lim; returns float32."""
+def mel_to_audio(mel: np.ndarray, n_iter: int = GRIFFIN_LIM_ITERS, length: int | None = None) -> np.ndarray:
+    """Inverse of :func:`audio_to_mel`: :func:`mel_to_stft_power`, then librosa's fast Griffin-Lim
+    (momentum 0.99, ``n_iter`` iterations). Deterministic: the same ``mel`` gives the same
+    waveform bit for bit (fixed phase seed)."""
     import librosa
 
     db = (np.clip(mel, -1.0, 1.0) - 1) / 2 * -DB_FLOOR
@@ -176,15 +202,14 @@ def mel_to_audio(mel: np.ndarray, n_iter: int = 32, length: int | None = None) -
     frames = 1 + n // HOP_LENGTH
     if power.shape[-1] < frames:
         power = np.pad(power, ((0, 0), (0, frames - power.shape[-1])), mode="edge")
-    magnitude = librosa.feature.inverse.mel_to_stft(
-        power, sr=SAMPLE_RATE, n_fft=N_FFT, power=2.0, fmin=F_MIN, fmax=F_MAX
-    )
+    magnitude = np.sqrt(mel_to_stft_power(power))
     wave = librosa.griffinlim(
         magnitude,
         n_iter=n_iter,
         hop_length=HOP_LENGTH,
         n_fft=N_FFT,
         length=n,
+        momentum=0.99,
         random_state=0,
     )
     return np.clip(wave, -1.0, 1.0).astype(np.float32)

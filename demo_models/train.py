@@ -1,11 +1,16 @@
 """Train a built-in demo model on procedurally generated data and save it under ``assets/<kind>``.
 
     python -m demo_models.train image            # the shipped recipe (fixed seed)
+    python -m demo_models.train image --resume   # continue an interrupted run, same result
     python -m demo_models.train audio --steps 200 --out /tmp/probe   # a quick probe
 
 Recipe: pixel/mel space, cosine noise schedule, AdamW with warm-up and cosine decay, EMA of
-the weights, attribute dropout (each slot 20 %, whole prompt 10 %) so partial and empty
-prompts and classifier-free guidance work. Image and video predict the clean sample (x0),
+the weights, attribute dropout (each slot 20 %, whole prompt 10 %: every token 0, which is
+what the pipelines feed the unconditional branch for the empty negative prompt) so partial and
+empty prompts and classifier-free guidance work. The DDIM scheduler does not clip: diffusers
+clips the predicted x0 but derives the step's noise from the unclipped one, so a guided x0
+beyond ±1 moved the sample the wrong way (0/24 image prompts right at guidance 3).
+Image and video predict the clean sample (x0),
 which keeps flat colours free of residual noise; the image loss weights each timestep by
 1 + min(SNR, 5) so the low-noise steps that draw edges count. Video trains one random frame
 per example (the denoiser works frame by frame). Audio predicts v.
@@ -42,7 +47,7 @@ SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
     prediction_type="v_prediction",
-    clip_sample=True,
+    clip_sample=False,
     timestep_spacing="trailing",
     set_alpha_to_one=False,
 )
@@ -74,7 +79,7 @@ RECIPES: dict[str, Recipe] = {
         unet=dict(
             in_channels=3,
             num_frames=1,
-            sample_size=(32, 32),
+            sample_size=(data.IMAGE_SIZE, data.IMAGE_SIZE),
             block_out_channels=(32, 64, 128),
             emb_dim=128,
             mid_blocks=1,
@@ -110,7 +115,7 @@ RECIPES: dict[str, Recipe] = {
             block_out_channels=(32, 64, 128),
             emb_dim=128,
             mid_blocks=1,
-            patch_size=4,
+            patch_size=2,
         ),
         dataset_size=8_000,
         steps=2000,
@@ -144,8 +149,21 @@ def build_pipeline(recipe: Recipe, unet: AttributeUNet | None = None):
     return PIPELINE_CLASSES[recipe.kind](unet=unet, scheduler=scheduler)
 
 
-def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int = 500) -> dict:
-    """Train, save the EMA weights as a pipeline in ``out_dir``; returns training stats."""
+def train(
+    recipe: Recipe,
+    out_dir: Path,
+    threads: int = 1,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    stop_at: int | None = None,
+) -> dict:
+    """Train, save the EMA weights as a pipeline in ``out_dir``; returns training stats.
+
+    Every checkpoint also writes ``out_dir/train_state.pt`` (weights, EMA, optimiser, random
+    state); ``resume=True`` continues from it and ends with the same weights as an
+    uninterrupted run (``stop_at`` ends a run early at a checkpoint, as an interruption would).
+    The file is removed when training completes.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
     t0 = time.time()
@@ -165,7 +183,20 @@ def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int
     n_slots = len(SLOTS[recipe.kind])
     losses: list[float] = []
     t_train = time.time()
-    for step in range(recipe.steps):
+    state_path = out_dir / "train_state.pt"
+    start, seconds_before = 0, 0.0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["recipe"] != asdict(recipe):
+            raise ValueError(f"{state_path} was written by another recipe; remove it or train without --resume")
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start, losses, seconds_before = state["step"], state["losses"], state["seconds"]
+        logger.info("resumed at step %d", start)
+    t0 -= seconds_before
+    for step in range(start, recipe.steps):
         idx = torch.randint(0, len(x_all), (recipe.batch_size,), generator=gen)
         x0 = x_all[idx].float()
         labels = y_all[idx].clone()
@@ -204,7 +235,7 @@ def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int
                 step + 1,
                 float(np.mean(losses[-50:])),
                 lr_at(step),
-                (time.time() - t_train) / (step + 1),
+                (time.time() - t_train) / (step + 1 - start),
             )
         if (step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps:
             stats = {
@@ -215,6 +246,22 @@ def train(recipe: Recipe, out_dir: Path, threads: int = 1, checkpoint_every: int
                 "recipe": asdict(recipe),
             }
             save(build_pipeline(recipe, ema), out_dir, stats)
+            if step + 1 < recipe.steps:
+                state = dict(
+                    net=net.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    gen=gen.get_state(),
+                    step=step + 1,
+                    losses=losses,
+                    seconds=time.time() - t0,
+                    recipe=asdict(recipe),
+                )
+                torch.save(state, state_path.with_suffix(".tmp"))
+                state_path.with_suffix(".tmp").replace(state_path)
+                if stop_at is not None and step + 1 >= stop_at:
+                    return stats
+    state_path.unlink(missing_ok=True)
     return stats
 
 
@@ -230,12 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count (probes)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default assets/<kind>)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its train_state.pt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     recipe = copy.deepcopy(RECIPES[check_kind(args.kind)])
     if args.steps:
         recipe.steps = args.steps
-    stats = train(recipe, args.out or ASSETS / args.kind, threads=args.threads)
+    stats = train(recipe, args.out or ASSETS / args.kind, threads=args.threads, resume=args.resume)
     logger.info("done: %s", {k: v for k, v in stats.items() if k != "recipe"})
 
 
