@@ -148,9 +148,7 @@ class Backend:
     def submit(self, req: GenerateRequest, compare: bool = False) -> Job:
         """Validate (raises InputError) and queue; the job's events say when it starts."""
         req = self.validate(req, compare)
-        return self._queue(
-            Job(req, compare, self.models[req.model].prompt_warnings(req.prompt) + req.quality_warnings())
-        )
+        return self._queue(Job(req, compare, self.models[req.model].prompt_warnings(req.prompt)))
 
     def submit_race(self, req: GenerateRequest, methods: Any) -> Job:
         """Queue a race of ``methods`` (names from :data:`~launcher.request.METHODS`) on one request;
@@ -168,7 +166,6 @@ class Backend:
                 checked = self.validate(replace(req, method=method))
             except InputError as exc:
                 raise InputError(f"{METHOD_LABELS[method]}: {exc}") from None
-            warnings += [w for w in checked.quality_warnings() if w not in warnings]
         assert checked is not None
         if "baseline" not in picked:
             warnings.append("The baseline ran too, first: speedup and PSNR/SSIM are measured against it.")

@@ -270,25 +270,6 @@ class GenerateRequest:
                 raise InputError(f"Stride ({stride}) cannot exceed steps ({steps}): lower stride or raise steps.")
         return self
 
-    def quality_warnings(self) -> list[str]:
-        """Settings measured to break the result (validated requests only). BatchStep on the
-        built-in image model at guidance 3, 4 prompts against the baseline of the same seed:
-        warm-up 1 gave PSNR down to 1–18 dB at 10–50 steps; stride >= 3 with warm-up < 5 down to
-        12–16 dB at 10–20 steps (warm-up 5: 19–44 dB)."""
-        warnings = []
-        if self.method == "batchstep" and self.warmup_steps < 2:
-            warnings.append(
-                "BatchStep with 1 warm-up step was measured to change the result a lot (PSNR down to 1 dB "
-                "against the baseline): use 2 or more warm-up steps."
-            )
-        elif self.method == "batchstep" and self.stride >= 3 and self.warmup_steps < 5 and (self.steps or 0) <= 20:
-            warnings.append(
-                f"BatchStep with stride {self.stride} and {self.warmup_steps} warm-up steps at {self.steps} steps "
-                "was measured to change the result a lot (PSNR down to 12 dB): use stride 2, 5+ warm-up "
-                "steps or more steps."
-            )
-        return warnings
-
     # -- on the wire (JSON) ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

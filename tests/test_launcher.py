@@ -125,22 +125,6 @@ def test_quality_metrics() -> None:
         psnr(a, a[:8])
 
 
-@pytest.mark.parametrize(
-    "change, warned",
-    [
-        ({"method": "batchstep", "warmup_steps": 1, "stride": 2}, "1 warm-up step"),
-        ({"method": "batchstep", "warmup_steps": 2, "stride": 3, "steps": 20}, "stride 3 and 2 warm-up steps"),
-        ({"method": "batchstep", "warmup_steps": 5, "stride": 3, "steps": 20}, None),
-        ({"method": "batchstep", "warmup_steps": 2, "stride": 2, "steps": 20}, None),
-        ({"method": "parastep", "warmup_steps": 1}, None),
-    ],
-)
-def test_settings_measured_to_break_the_result_are_warned_about(change: dict, warned: str | None) -> None:
-    req = _backend().validate(GenerateRequest(**{"model": "img", "prompt": "a red circle", "steps": 10, **change}))
-    warnings = req.quality_warnings()
-    assert (warned in warnings[0]) if warned else not warnings, warnings
-
-
 def test_the_panel_flags_a_result_far_from_its_baseline() -> None:
     import numpy as np
 
