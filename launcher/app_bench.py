@@ -63,6 +63,7 @@ def measure_engine(kind: str, steps: int, repeats: int, out: Path) -> dict[str, 
     """The benchmark's ParaStep-2 row for the same settings."""
     argv = ["--models", kind, "--steps", str(steps), "--warmup", str(WARMUP), "--seeds", str(repeats)]
     argv += ["--ranks", "2", "--strides", "--stress-degree", "0", "--hook-pairs", "0", "--out", str(out)]
+    argv += ["--only", "baseline-1rank", "parastep-2"]
     bench.main(argv)
     rows = json.loads((out / "bench.json").read_text())["rows"]
     row = next(r for r in rows if r["method"] == "parastep-2")

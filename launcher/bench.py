@@ -701,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         default=20,
         help="back-to-back (baseline, degree-1) pairs per model measuring the hooks' cost (0: skip)",
     )
+    p.add_argument("--only", nargs="*", default=None, help="measure only these rows of the main session (by name)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument(
         "--link",
@@ -743,6 +744,11 @@ def main(argv: list[str] | None = None) -> int:
         Method("sparsetem", "baseline", sparsetem=True),
         Method(f"sparsetem+parastep-{ranks}", "parastep", ranks, sparsetem=True),
     )
+    if args.only is not None:
+        unknown = set(args.only) - {m.name for m in methods}
+        if unknown or "baseline-1rank" not in args.only:
+            p.error(f"--only: rows are among {[m.name for m in methods]}, baseline-1rank included (got {args.only})")
+        methods = tuple(m for m in methods if m.name in args.only)
     seeds = tuple(range(args.seeds))
     main_session = Session(
         "main",
