@@ -71,18 +71,14 @@ def measure_engine(kind: str, steps: int, repeats: int, out: Path) -> dict[str, 
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    off = any("app_no_previews" in r for r in rows)
     lines = [
-        "| model | steps | warm-up | app: whole call | app: denoising | "
-        + ("app, no previews | " if off else "")
-        + "engine (bench) | app / engine | ideal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if off else ""),
+        "| model | steps | warm-up | app: whole call | app: denoising | engine (bench) | app / engine | ideal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['steps']} | {WARMUP} | {r['app']:.2f}× | {r['app_denoise']:.2f}× | "
-            + (f"{r['app_no_previews']:.2f}× | " if off else "")
-            + f"{r['engine']:.2f}× | {r['app'] / r['engine']:.2f} | {r['ideal']:.2f}× |"
+            f"{r['engine']:.2f}× | {r['app'] / r['engine']:.2f} | {r['ideal']:.2f}× |"
         )
     return "\n".join(lines)
 
@@ -96,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     app = measure_app(args.models, args.repeats)
-    quiet = measure_app(args.models, args.repeats, ("--preview-every", "0")) if args.no_previews_too else None
     rows = []
     for kind in args.models:
         steps = app[kind]["steps"]
@@ -111,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                 engine=engine["speedup"],
                 ideal=app[kind]["ideal"],
             )
-            | ({"app_no_previews": quiet[kind]["speedup"]} if quiet else {})
         )
     table = format_table(rows)
     print("\nThe app's Compare (median of the panel's speedups) against the engine benchmark, same settings:\n")

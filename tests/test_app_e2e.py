@@ -68,6 +68,7 @@ def test_generate_parastep(client: Client, kind: str) -> None:
     path = media_path(result[1 + MEDIA_INDEX[kind]])
     assert path.endswith({"image": ".png", "video": ".mp4", "audio": ".wav"}[kind])
     assert all(result[4 + i] is None for i in range(3)), "generate fills only the left side"
+    assert result[0] is not None, "generate streams previews"
     stats = numbers(result)
     calls = stats["model_calls_per_rank"]
     assert stats["method"] == "parastep" and stats["ranks"] == 2 and len(calls) == 2
@@ -83,6 +84,7 @@ def test_compare(client: Client, kind: str) -> None:
     result = run(client, "/compare", kind, method=method)
     media_path(result[1 + MEDIA_INDEX[kind]])
     media_path(result[4 + MEDIA_INDEX[kind]])
+    assert result[0] is None, "Compare measures: no previews streamed during its timed runs"
     stats = numbers(result)
     assert stats["baseline"]["method"] == "baseline" and stats["method"]["method"] == method
     assert stats["baseline"]["wall_s"] > 0 and stats["method"]["wall_s"] > 0
