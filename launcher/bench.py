@@ -49,7 +49,7 @@ from launcher.methods import SPARSETEM_ERROR_TARGET
 from launcher.models import LoadedModel, call_pipeline, extract_media, load_models
 from launcher.quality import psnr, ssim
 from launcher.request import GenerateRequest
-from launcher.topology import core_share, free_port
+from launcher.topology import core_share, free_port, limit_blas
 from parastep.registry import spec_for
 
 log = logging.getLogger("launcher.bench")
@@ -175,6 +175,7 @@ def _serve(rank: int, session: Session, emit: Callable[[tuple[str, Any]], None])
     if cores[1]:
         os.sched_setaffinity(0, cores[1])
     torch.set_num_threads(session.threads)
+    limit_blas(session.threads)
     logging.basicConfig(level=logging.WARNING)
     try:
         device = torch.device(session.device, rank) if session.device == "cuda" else torch.device("cpu")
