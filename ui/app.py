@@ -177,8 +177,9 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
         gr.Markdown(
             f"# {title}\n"
             f"Step-parallel diffusion: **ParaStep** spreads denoising steps over ranks, **BatchStep** batches "
-            f"look-ahead steps on one device, against the **baseline**. Running on **{status['world_size']} "
-            f"rank(s)** ({status['backend']}, {status['device']})."
+            f"look-ahead steps on one device, against the **baseline** and the contestants **AsyncDiff** and "
+            f"**CFG-parallel** (the **Race** tab runs any of them side by side). Running on "
+            f"**{status['world_size']} rank(s)** ({status['backend']}, {status['device']})."
         )
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
