@@ -140,7 +140,7 @@ def _race_values(result: RaceOutput, warnings: list[str]) -> list[Any]:
         elif run.modality == "video":
             gallery.append((media.write_video(run.media, fps=run.fps), caption))
         else:
-            gallery.append((media.preview_image(run.media), caption))
+            gallery.append((media.write_preview(run.media), caption))
             path = media.write_audio(run.media, run.sample_rate or 16000)
             audio[i] = gr.update(value=path, visible=True, label=caption)
     fastest = min(result.results, key=lambda r: r.method.wall_s, default=None)
@@ -345,7 +345,7 @@ def build_demo(backend: BackendLike, title: str = "ParaStep Studio") -> gr.Block
                         desc = f"{event.label}: step {event.step}/{event.total}" if event.step else event.label
                         progress(event.step / max(1, event.total), desc=desc)
                         if event.preview is not None:
-                            last_preview = media.preview_image(event.preview)
+                            last_preview = media.write_preview(event.preview)
                             yield {preview: last_preview}
                     elif isinstance(event, CompareOutput):
                         done = (

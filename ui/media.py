@@ -105,6 +105,21 @@ def write_image(image: np.ndarray) -> str:
     return path
 
 
+def write_preview(preview: np.ndarray) -> str | None:
+    """:func:`preview_image` as a png of this request's own. Gradio writes an array output to a
+    file named after its content, in place: two users streaming identical previews rewrote the
+    file while the other's client downloaded it (a connection closed mid-body, seen once in 40
+    concurrent requests)."""
+    from PIL import Image
+
+    picture = preview_image(preview)
+    if picture is None:
+        return None
+    path = new_output_path(".png")
+    Image.fromarray(picture).save(path)
+    return path
+
+
 def write_video(frames: np.ndarray, fps: int = 8) -> str:
     """FxHxWx3 float -> an H.264 mp4 browsers play; small frames are upscaled crisply."""
     import imageio.v2 as imageio
