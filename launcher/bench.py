@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import signal
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -412,7 +412,7 @@ LINK_PORT = 29400  # the rendezvous port on node 0 (a namespace of its own: noth
 def link_rank(session_path: Path, out_path: Path) -> int:
     """One rank of a ``--link`` session, as torchrun starts it on either node: its rank from
     torchrun's RANK, its process group on torchrun's store; rank 0 writes what it measured to
-    ``out_path`` (a pickle read back by the process that started torchrun, on this machine)."""
+    ``out_path`` (:func:`_write_events`: JSON and arrays, nothing pickled)."""
     raw = json.loads(session_path.read_text())
     session = Session(
         **{
@@ -429,9 +429,33 @@ def link_rank(session_path: Path, out_path: Path) -> int:
         _serve(rank, session, events.append)
     finally:
         if rank == 0:
-            with out_path.open("wb") as f:
-                pickle.dump(events, f)
+            _write_events(events, out_path)
     return 0
+
+
+def _write_events(events: list[tuple[str, Any]], path: Path) -> None:
+    """Rank 0's events as one ``.npz``: the runs' media as arrays, everything else as JSON."""
+    arrays: dict[str, np.ndarray] = {}
+    plain = []
+    for kind, value in events:
+        if isinstance(value, Run):
+            key = f"media{len(arrays)}"
+            arrays[key] = np.asarray(value.media)
+            value = {**asdict(replace(value, media=None)), "media": key}
+        plain.append((kind, value))
+    with path.open("wb") as f:
+        np.savez(f, events=np.array(json.dumps(plain, default=str)), allow_pickle=False, **arrays)
+
+
+def _read_events(path: Path) -> list[tuple[str, Any]]:
+    """What :func:`_write_events` wrote (no pickle: ``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as data:
+        events = []
+        for kind, value in json.loads(str(data["events"])):
+            if kind == "run":
+                value = Run(**{**value, "media": data[value["media"]]})
+            events.append((kind, value))
+    return events
 
 
 def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run], list[int]]:
@@ -439,7 +463,7 @@ def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run]
     rendezvous. Returns rank 0's runs and the bytes each node sent over the link in all."""
     from launcher import link
 
-    session_path, out_path = workdir / "session.json", workdir / f"runs-{rate}.pickle"
+    session_path, out_path = workdir / "session.json", workdir / f"runs-{rate}.npz"
     session_path.write_text(json.dumps(asdict(session)))
     out_path.unlink(missing_ok=True)
     procs: list[subprocess.Popen] = []
@@ -491,7 +515,7 @@ def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run]
                         proc.wait(timeout=10)
                     except subprocess.TimeoutExpired:
                         os.killpg(proc.pid, signal.SIGKILL)
-    events = pickle.loads(out_path.read_bytes()) if out_path.exists() else []
+    events = _read_events(out_path) if out_path.exists() else []
     errors = [v for k, v in events if k == "error"]
     for note in (v for k, v in events if k == "note"):
         print(f"[{session.label}] {note}", file=sys.stderr, flush=True)
