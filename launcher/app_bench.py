@@ -30,13 +30,13 @@ APP_ARGS = ["--ranks", "2"]
 WARMUP = 2  # the app's default
 
 
-def measure_app(kinds: list[str], repeats: int, extra_args: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+def measure_app(kinds: list[str], repeats: int) -> dict[str, dict[str, Any]]:
     """Per model: the Compare panel's numbers of ``repeats`` requests at the app's defaults, on
     the model's first example prompt (what the page opens with)."""
     from gradio_client import Client
 
     found: dict[str, dict[str, Any]] = {}
-    with AppProcess([*APP_ARGS, "--builtins", ",".join(kinds), *extra_args]) as app:
+    with AppProcess([*APP_ARGS, "--builtins", ",".join(kinds)]) as app:
         client = Client(app.url, verbose=False)
         for kind in kinds:
             model = builtin_name(kind)
