@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from launcher.models import BUILTIN_KINDS
 
@@ -65,6 +66,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _quiet_at_rest(demo) -> None:
+    """Make the idle app cost next to nothing: a hosted demo sits at rest most of its life.
+
+    Measured on this 2-core machine (2 ranks, 20 s windows, 2026-11-28): Gradio's queue polls for
+    work every 1 ms and for progress every 10 ms (4-6 % of a core); at 250 ms / 500 ms it costs
+    ~0.15 % (a request may start up to 250 ms later). Uvicorn's server loop wakes every 100 ms to
+    refresh its Date header and check for shutdown: ~0.25 % of a core on its own; once a second is
+    enough for both (the header has one-second resolution; shutdown waits up to 1 s more). Together
+    with the main thread waiting on an event instead of Gradio's 100 ms sleep loop: 0.15-0.2 % of a
+    core for the whole app, against 0.45-0.6 % before.
+    """
+    import asyncio
+
+    from gradio import http_server
+
+    queue = getattr(demo, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free, queue.progress_update_sleep_when_free = 0.25, 0.5
+
+    async def main_loop(server) -> None:  # uvicorn.Server.main_loop, ticking once a second
+        while not await server.on_tick(0):  # counter 0: the Date header is refreshed every tick
+            await asyncio.sleep(1.0)
+
+    if hasattr(http_server.Server, "main_loop") and hasattr(http_server.Server, "on_tick"):
+        # Gradio's own subclass only, not uvicorn.Server:
+        http_server.Server.main_loop = main_loop  # type: ignore[method-assign,assignment]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rank = os.environ.get("RANK", "0")
@@ -104,19 +133,15 @@ def main(argv: list[str] | None = None) -> None:
         backend.start()
         demo = build_demo(backend)
         demo.queue(max_size=64)
-        # Gradio's queue looks for work every 1 ms and for progress every 10 ms while idle: 4-6 %
-        # of a core at rest, measured. 250 ms and 500 ms bring the whole app to rest (a request may
-        # start up to 250 ms later; progress events are throttled anyway): 0.35 % of a core for the
-        # whole app at rest, against 0.45-0.6 % with 100 ms (measured 2026-11-28, 20 s windows).
-        queue = getattr(demo, "_queue", None)
-        if queue is not None and hasattr(queue, "sleep_when_free"):
-            queue.sleep_when_free, queue.progress_update_sleep_when_free = 0.25, 0.5
+        _quiet_at_rest(demo)
         demo.launch(
             share=args.share or None,
             css=CSS,
             show_error=True,
             footer_links=["api", "gradio"],
+            prevent_thread_lock=True,  # Gradio's own wait polls every 100 ms; ours sleeps until a signal
         )
+        threading.Event().wait()  # SIGTERM / Ctrl-C end it (SystemExit / KeyboardInterrupt below)
     except (KeyboardInterrupt, SystemExit):
         pass
     except BaseException:
