@@ -472,6 +472,7 @@ def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run]
         try:
             for node, addr in enumerate(link.ADDRESSES):
                 env = dict(os.environ, GLOO_SOCKET_IFNAME=link.INTERFACE, OMP_NUM_THREADS=str(session.threads))
+                env["PARASTEP_SHM_DISABLE"] = "1"  # the two "nodes" share /dev/shm: keep every message on the link
                 env["PYTHONPATH"] = os.pathsep.join(
                     [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
                 )

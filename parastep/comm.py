@@ -1,6 +1,8 @@
 """A thin layer over a ProcessGroup: point-to-point messages with byte counts and timeouts.
 
-Works with any backend; the library never creates or destroys a process group.
+Works with any backend; the library never creates or destroys a process group. CPU messages
+between ranks on one host go through shared-memory mailboxes instead (:mod:`parastep.shm`;
+``PARASTEP_SHM_DISABLE=1`` turns them off).
 
 Device and dtype rules
 ----------------------
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import shm
 from .errors import CommError
 
 _HEAD = 16  # two int64 in front of every message: the skeleton's length, the message's length
@@ -87,9 +90,21 @@ class Comm:
         self._agreed: dict[tuple[bool, int], int] = {}  # (sending, peer) -> buffer bytes
         self._skeletons: dict[tuple[bool, int], Any] = {}  # (sending, peer) -> last message's skeleton
         self._backends: dict[str, str] = {}  # device type -> the group's backend for it
+        self._shm: shm.Mailboxes | None = None  # CPU messages to peers on this host (see parastep.shm)
+        if self.size > 1 and shm.enabled() and backend_for(group, torch.device("cpu")) == "gloo":
+            self._shm = shm.Mailboxes(group, self.rank, self.size)
+
+    @property
+    def shared_memory_peers(self) -> frozenset[int]:
+        """The peers whose CPU messages travel through shared memory instead of the group."""
+        return self._shm.peers if self._shm else frozenset()
+
+    def _via_shm(self, peer: int, device: torch.device) -> bool:
+        return device.type == "cpu" and self._shm is not None and peer in self._shm.peers
 
     def begin_call(self) -> None:
-        """Starts a pipeline call: zero the byte and sync counts, forget the agreed sizes."""
+        """Starts a pipeline call: zero the byte and sync counts, forget the agreed sizes. (A
+        shared-memory mailbox may already hold this call's first message from a peer ahead.)"""
         if self._posted or self._pending:
             raise CommError(
                 "the previous pipeline call on this process group stopped mid-window, so messages of "
@@ -174,6 +189,8 @@ class Comm:
         """Posts the receive of ``src``'s next message now when the group's backend for
         ``device`` allows it (:func:`receives_may_be_posted_early`); otherwise :meth:`recv`
         posts it when the message is due."""
+        if self._via_shm(src, device):
+            return
         if src not in self._posted and receives_may_be_posted_early(self.group, device):
             self._posted[src] = self._irecv(src, self._agreed_size(False, src), device)
 
@@ -191,6 +208,12 @@ class Comm:
         ordered = self._stream_ordered(device)
         for d in dsts:
             self._skeletons[(True, d)] = skeleton
+            if self._via_shm(d, device):
+                assert self._shm is not None
+                if not self._shm.send(d, buf, size, self.timeout.total_seconds()):  # /dev/shm is full
+                    self._pending.append((_posted(dist.isend(buf[:size], self._global(d), self.group)), d, False))
+                self.bytes_sent += size
+                continue
             # the first part carries the header; past it, when a second part follows, any bytes
             wire = [buf[: agreed[d]]] if size <= agreed[d] else [buf[: agreed[d]], buf[:size]]
             for t in wire:
@@ -200,6 +223,17 @@ class Comm:
 
     def recv(self, src: int, device: torch.device) -> Any:
         """``src``'s next message (its receive posted by :meth:`expect`, or now)."""
+        if self._via_shm(src, device):
+            assert self._shm is not None
+            got = self._shm.recv(src, self.timeout.total_seconds())
+            if isinstance(got, int):  # it did not fit in the sender's /dev/shm: over the group
+                work, got = self._irecv(src, got, device)
+                self._wait(work, src, f"sending to rank {self.rank}")
+            buf = got
+            host = buf.numpy()
+            n_blob = int(host[:_HEAD].view(np.int64)[0])
+            self.bytes_received += buf.numel()
+            return self._finish(buf, host, n_blob, src, None)
         posted = self._posted.pop(src, None)
         work, buf = posted or self._irecv(src, self._agreed_size(False, src), device)
         host = self._to_host(work, buf, 0, min(buf.numel(), _PREFETCH), src)
@@ -210,14 +244,21 @@ class Comm:
             work, buf = self._irecv(src, size, device)
             host = self._to_host(work, buf, 0, min(size, _PREFETCH), src)
             self.bytes_received += size
+        return self._finish(buf, host, n_blob, src, work)
+
+    def _finish(self, buf: torch.Tensor, host: np.ndarray, n_blob: int, src: int, work: dist.Work | None) -> Any:
+        """The message in ``buf`` (``host``: its first bytes on the host; all of them when
+        ``work`` is None)."""
         if n_blob:
             if len(host) < _HEAD + n_blob:
+                assert work is not None
                 host = self._to_host(work, buf, 0, _HEAD + n_blob, src)
             self._skeletons[(False, src)] = _decode(host[_HEAD : _HEAD + n_blob].tobytes())
         skeleton = self._skeletons[(False, src)]
         slots = _layout(skeleton)
         host_end = _HEAD + _pad8(n_blob) + sum(_pad8(s.nbytes) for s in slots if s.where != "device")
         if len(host) < host_end:
+            assert work is not None
             host = self._to_host(work, buf, 0, host_end, src)
         return _unpack(buf, host, n_blob, skeleton, slots)
 

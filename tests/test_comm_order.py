@@ -3,6 +3,7 @@ recorded on gloo ranks in the order they are posted, replayed under NCCL's seman
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict, deque
 from typing import Any
 
@@ -56,7 +57,9 @@ def _record(trace: Trace) -> None:
 
 
 def record_rank(rank: int, protocol: str) -> dict:
-    """Every rank's trace of one ParaStep call per scheduler (and of Comm.exchange)."""
+    """Every rank's trace of one ParaStep call per scheduler (and of Comm.exchange), over the
+    group's own operations (shared memory off: the trace is what a GPU group would run)."""
+    os.environ["PARASTEP_SHM_DISABLE"] = "1"
     trace: Trace = []
     _record(trace)
     if protocol == "when_due":  # force the order the function gives NCCL (and unknown backends)

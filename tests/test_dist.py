@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import errno
 import math
+import os
 import time
 
 import diffusers
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import parastep
+import parastep.shm
 from parastep.comm import Comm
 from tests.distributed import run_ranks
 from tests.toy import toy_embeds, toy_pipeline
@@ -183,7 +186,19 @@ def _messages() -> list:
     ]
 
 
-def comm_messages(rank: int) -> dict:
+def comm_messages(rank: int, shared_memory: bool) -> dict:
+    os.environ["PARASTEP_SHM_DISABLE"] = "0" if shared_memory else "1"
+    refusals: list[int] = []
+    if shared_memory and rank == 1:  # /dev/shm has no room past 256 bytes: larger messages go over gloo
+        real = parastep.shm.os.posix_fallocate
+
+        def full(fd: int, offset: int, length: int) -> None:
+            if length > 256:
+                refusals.append(length)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, offset, length)
+
+        parastep.shm.os.posix_fallocate = full
     comm = Comm(dist.group.WORLD, timeout_s=10)
     cpu = torch.device("cpu")
     got, deltas = [], []
@@ -201,7 +216,9 @@ def comm_messages(rank: int) -> dict:
             got.append(comm.recv(1, cpu))
         deltas.append(comm.bytes_sent + comm.bytes_received - before)
     refused = None
-    if rank == 0:  # a call cannot begin while a receive of the last one is still posted
+    if shared_memory:  # no receive is posted ahead there (a peer ahead may mail a call's first message early)
+        pass
+    elif rank == 0:  # a call cannot begin while a receive of the last one is still posted
         comm.expect(1, cpu)
         try:
             comm.begin_call()
@@ -213,7 +230,8 @@ def comm_messages(rank: int) -> dict:
         comm.flush()
     expected = [m for m in _messages() if m != "new call"]
     matches = [(_same(e, g), repr((e, g))) for e, g in zip(expected, got)]  # compared here: no conversion
-    return dict(matches=matches, received=len(got), deltas=deltas, refused=refused)
+    peers = sorted(comm.shared_memory_peers)
+    return dict(matches=matches, received=len(got), deltas=deltas, refused=refused, peers=peers, full=refusals)
 
 
 def _same(a, b) -> bool:
@@ -254,7 +272,8 @@ def test_a_skeleton_is_left_out_only_when_nothing_in_it_can_differ():
 
 
 def test_messages_arrive_exactly_in_one_buffer_of_the_size_agreed_in_the_call():
-    r0, r1 = run_ranks(comm_messages, 2)
+    r0, r1 = run_ranks(comm_messages, 2, False)  # over gloo
+    assert r0["peers"] == r1["peers"] == []
     assert r0["received"] == len(_messages()) - 1
     for same, both in r0["matches"]:
         assert same, both
@@ -265,6 +284,39 @@ def test_messages_arrive_exactly_in_one_buffer_of_the_size_agreed_in_the_call():
     assert larger > 2 * same  # the header padded to the agreed size, then the larger buffer
     assert new_call == first  # a new call agrees its sizes again
     assert "stopped mid-window" in r0["refused"] and "new_group" in r0["refused"]
+
+
+def test_on_one_host_messages_travel_through_shared_memory_and_over_gloo_when_it_is_full():
+    r0, r1 = run_ranks(comm_messages, 2, True)
+    assert r0["peers"] == [1] and r1["peers"] == [0]
+    assert r0["received"] == len(_messages()) - 1
+    for same, both in r0["matches"]:
+        assert same, both
+    first, same, smaller, larger, *_, new_call = r0["deltas"]
+    assert r1["deltas"] == r0["deltas"]  # each message counted once, at its own size, on both ends
+    assert first > same  # the skeleton is left out once it is known
+    assert larger > 256 and r1["full"]  # `larger` and later messages went over gloo
+    assert new_call == first  # a new call sends its skeleton again
+
+
+def dead_peer(rank: int) -> tuple:
+    comm = Comm(dist.group.WORLD, timeout_s=30)
+    dist.barrier()  # every rank unlinked its files
+    left = [f for f in os.listdir("/dev/shm") if f.startswith("parastep-")]
+    if rank == 1:
+        return left, "", 0.0  # exits without sending: its mailboxes close
+    start = time.perf_counter()
+    try:
+        comm.recv(1, torch.device("cpu"))
+    except parastep.CommError as exc:
+        return left, str(exc), time.perf_counter() - start
+    return left, "no error", 0.0
+
+
+def test_shared_memory_leaves_no_file_and_a_peer_that_exits_is_an_error_at_once():
+    (left, message, seconds), (left1, *_) = run_ranks(dead_peer, 2, barrier=False)
+    assert left == left1 == []
+    assert message.startswith("rank 1 is gone") and seconds < 10  # not the 30 s timeout
 
 
 def three_rank_degree(rank: int) -> tuple:

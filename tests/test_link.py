@@ -182,6 +182,7 @@ def test_app_across_two_nodes(tmp_path: Path) -> None:
     # no GLOO_SOCKET_IFNAME: the app picks the interface that reaches node 0 (here the veth pair)
     env = {"PARASTEP_CONTROL_TOKEN": secrets.token_hex(32)}
     env |= {"GRADIO_SERVER_PORT": "7860", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    env["PARASTEP_SHM_DISABLE"] = "1"  # the two "nodes" share /dev/shm: every message must cross the link
     procs: list[subprocess.Popen] = []
     with link.two_nodes("1gbit") as net:
         try:
