@@ -91,8 +91,8 @@ class Comm:
         self._skeletons: dict[tuple[bool, int], Any] = {}  # (sending, peer) -> last message's skeleton
         self._backends: dict[str, str] = {}  # device type -> the group's backend for it
         self._shm: shm.Mailboxes | None = None  # CPU messages to peers on this host (see parastep.shm)
-        if self.size > 1 and shm.enabled() and backend_for(group, torch.device("cpu")) == "gloo":
-            self._shm = shm.Mailboxes(group, self.rank, self.size)
+        if self.size > 1 and backend_for(group, torch.device("cpu")) == "gloo":
+            self._shm = shm.mailboxes(group, self.rank, self.size)
 
     @property
     def shared_memory_peers(self) -> frozenset[int]:

@@ -37,11 +37,25 @@ from .errors import CommError
 _DIR = "/dev/shm"
 _HEADER = 64  # bytes before a message: int64 size, int64 "travels over the group instead"
 _TOKEN = 16
+_NO_TOKEN = "-" * _TOKEN  # a rank that offers no mailbox
 SPIN_S = 0.01  # a receiver polls its mailbox this long before it sleeps in poll() (see _wait)
 
 
 def enabled() -> bool:
     return os.environ.get("PARASTEP_SHM_DISABLE", "0") in ("", "0") and os.path.isdir(_DIR)
+
+
+_BY_GROUP: weakref.WeakKeyDictionary[dist.ProcessGroup, Mailboxes] = weakref.WeakKeyDictionary()
+
+
+def mailboxes(group: dist.ProcessGroup, rank: int, size: int) -> Mailboxes:
+    """``group``'s mailboxes, set up on its first use by every rank of it together (a collective,
+    the same on every rank whatever each one's ``PARASTEP_SHM_DISABLE``: a rank that is off offers
+    no mailbox) and kept as long as the group lives: ~4 ms of files and gathers, not per call."""
+    boxes = _BY_GROUP.get(group)
+    if boxes is None:
+        boxes = _BY_GROUP[group] = Mailboxes(group, rank, size, offer=enabled())
+    return boxes
 
 
 class _Box:
@@ -58,22 +72,23 @@ class _Box:
 
 
 class Mailboxes:
-    """Shared-memory mailboxes with the peers of ``group`` that are on this host (:attr:`peers`)."""
+    """Shared-memory mailboxes with the peers of ``group`` that are on this host (:attr:`peers`);
+    none when this rank does not ``offer`` any. Every rank of ``group`` constructs it at once."""
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, size: int):
+    def __init__(self, group: dist.ProcessGroup, rank: int, size: int, offer: bool = True):
         self.rank, self.peers = rank, frozenset[int]()
         self._out: dict[int, _Box] = {}
         self._in: dict[int, _Box] = {}
         fds: list[int] = []
         weakref.finalize(self, _close, fds, self._out, self._in)
-        token = secrets.token_hex(_TOKEN // 2)
+        token = secrets.token_hex(_TOKEN // 2) if offer else _NO_TOKEN
         mine: list[str] = []
         outgoing: dict[int, int] = {}
         free_read: dict[int, int] = {}
         try:
             try:  # our files toward each peer, and our end of each "free" FIFO
                 for p in range(size):
-                    if p != rank:
+                    if p != rank and offer:
                         base = _path(token, rank, p)
                         fd = os.open(base, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                         fds.append(fd)
@@ -85,13 +100,13 @@ class Mailboxes:
                             mine.append(base + suffix)
                         free_read[p] = _open(base + ".free", os.O_RDONLY, fds)
             except OSError:
-                token = "-" * _TOKEN  # no file of ours: no peer will see us
+                token = _NO_TOKEN  # no file of ours: no peer will see us
             # every rank takes part in every gather below, whatever failed here: none is left waiting
             tokens = [t.tobytes().decode() for t in _all_gather(group, size, _row(token.encode()))]
             seen = np.zeros(size, dtype=np.uint8)
             incoming: dict[int, tuple[int, int]] = {}
             for p in range(size):  # the peers' files toward us: can we open them?
-                if p != rank and token[0] != "-" and tokens[p][0] != "-":
+                if p != rank and _NO_TOKEN not in (token, tokens[p]):
                     try:
                         base = _path(tokens[p], p, rank)
                         fd = _open(base, os.O_RDWR, fds)

@@ -299,6 +299,24 @@ def test_on_one_host_messages_travel_through_shared_memory_and_over_gloo_when_it
     assert new_call == first  # a new call sends its skeleton again
 
 
+def switched_off_on_rank_0(rank: int) -> tuple:
+    os.environ["PARASTEP_SHM_DISABLE"] = "1" if rank == 0 else "0"
+    comm = Comm(dist.group.WORLD, timeout_s=10)
+    again = Comm(dist.group.WORLD, timeout_s=10)  # the group's mailboxes are set up once
+    cpu = torch.device("cpu")
+    if rank == 1:
+        comm.send(torch.arange(3), 0, cpu)
+        comm.flush()
+        return sorted(comm.shared_memory_peers), again._shm is comm._shm, None
+    return sorted(comm.shared_memory_peers), again._shm is comm._shm, comm.recv(1, cpu)
+
+
+def test_a_rank_with_shared_memory_off_keeps_its_pairs_on_gloo_and_nobody_waits():
+    (peers0, reused0, got), (peers1, reused1, _) = run_ranks(switched_off_on_rank_0, 2)
+    assert peers0 == peers1 == [] and reused0 and reused1
+    assert torch.equal(got, torch.arange(3))
+
+
 def dead_peer(rank: int) -> tuple:
     comm = Comm(dist.group.WORLD, timeout_s=30)
     dist.barrier()  # every rank unlinked its files
