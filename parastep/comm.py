@@ -10,7 +10,8 @@ Device and dtype rules
   :meth:`Comm.recv`: the device the group's backend moves (CUDA for NCCL, CPU for gloo).
   Layout: a 16-byte header (two int64: the skeleton's length, the message's length), the
   skeleton, the host part (CPU tensors and numpy arrays), the device part (every other
-  tensor), each part padded to 8 bytes.
+  tensor), each part padded to 8 bytes. Through a shared-memory mailbox that buffer is the
+  mailbox itself: the sender packs into it and the receiver copies each tensor out of it.
 * Tensors and numpy arrays travel raw (their bytes, any dtype torch can view as bytes), in
   slots: a tensor on the CPU comes back on the CPU, a numpy array as a numpy array, a tensor
   on any other device comes back on the receiver's ``device`` (never with the sender's index),
@@ -203,17 +204,23 @@ class Comm:
         skeleton = _strip(obj, tensors)
         same = all(_same_skeleton(skeleton, self._skeletons.get((True, d), _NONE)) for d in dsts)
         blob = b"" if same else _encode(skeleton, tensors)
+        slots = _layout(_slots_of(tensors))
+        size = _sizes(len(blob), slots)[1]
         agreed = {d: self._agreed_size(True, d) for d in dsts}
-        buf, size = _pack(blob, tensors, device, max(agreed.values(), default=0))
+        buf: torch.Tensor | None = None  # packed once for every destination the group's transport reaches
         ordered = self._stream_ordered(device)
         for d in dsts:
             self._skeletons[(True, d)] = skeleton
             if self._via_shm(d, device):
-                assert self._shm is not None
-                if not self._shm.send(d, buf, size, self.timeout.total_seconds()):  # /dev/shm is full
-                    self._pending.append((_posted(dist.isend(buf[:size], self._global(d), self.group)), d, False))
                 self.bytes_sent += size
+                if self._mail(d, blob, tensors, slots, size):
+                    continue
+                if buf is None:  # /dev/shm is full: the mailbox told d to receive it over the group
+                    buf = _pack(blob, tensors, device, max(agreed.values(), default=0), slots=slots)[0]
+                self._pending.append((_posted(dist.isend(buf[:size], self._global(d), self.group)), d, False))
                 continue
+            if buf is None:
+                buf = _pack(blob, tensors, device, max(agreed.values(), default=0), slots=slots)[0]
             # the first part carries the header; past it, when a second part follows, any bytes
             wire = [buf[: agreed[d]]] if size <= agreed[d] else [buf[: agreed[d]], buf[:size]]
             for t in wire:
@@ -221,19 +228,30 @@ class Comm:
                 self.bytes_sent += t.numel()
             self._agreed[(True, d)] = max(agreed[d], size)
 
+    def _mail(self, dst: int, blob: bytes, tensors: list[torch.Tensor], slots: list[_Slot], size: int) -> bool:
+        """Packs a CPU message straight into ``dst``'s shared-memory mailbox and posts it: no
+        buffer of its own (allocating ~200 KB costs more than the copy). False when it does not
+        fit in ``/dev/shm``: the mailbox then tells ``dst`` to receive it over the group."""
+        assert self._shm is not None
+        mailbox = self._shm.outbox(dst, size, self.timeout.total_seconds())
+        if mailbox is not None:
+            _pack(blob, tensors, mailbox.device, size, out=mailbox, slots=slots)
+        self._shm.post(dst)
+        return mailbox is not None
+
     def recv(self, src: int, device: torch.device) -> Any:
         """``src``'s next message (its receive posted by :meth:`expect`, or now)."""
         if self._via_shm(src, device):
             assert self._shm is not None
-            got = self._shm.recv(src, self.timeout.total_seconds())
+            got = self._shm.inbox(src, self.timeout.total_seconds())
             if isinstance(got, int):  # it did not fit in the sender's /dev/shm: over the group
-                work, got = self._irecv(src, got, device)
+                work, buf = self._irecv(src, got, device)
                 self._wait(work, src, f"sending to rank {self.rank}")
-            buf = got
-            host = buf.numpy()
-            n_blob = int(host[:_HEAD].view(np.int64)[0])
-            self.bytes_received += buf.numel()
-            return self._finish(buf, host, n_blob, src, None)
+                return self._finish_on_host(buf, src)
+            try:  # each tensor is copied straight out of the mailbox into a tensor of its own
+                return self._finish_on_host(got, src)
+            finally:
+                self._shm.free(src)
         posted = self._posted.pop(src, None)
         work, buf = posted or self._irecv(src, self._agreed_size(False, src), device)
         host = self._to_host(work, buf, 0, min(buf.numel(), _PREFETCH), src)
@@ -246,6 +264,12 @@ class Comm:
             self.bytes_received += size
         return self._finish(buf, host, n_blob, src, work)
 
+    def _finish_on_host(self, buf: torch.Tensor, src: int) -> Any:
+        """The message in the CPU buffer ``buf``, all of it received."""
+        host = buf.numpy()
+        self.bytes_received += buf.numel()
+        return self._finish(buf, host, int(host[:_HEAD].view(np.int64)[0]), src, None)
+
     def _finish(self, buf: torch.Tensor, host: np.ndarray, n_blob: int, src: int, work: dist.Work | None) -> Any:
         """The message in ``buf`` (``host``: its first bytes on the host; all of them when
         ``work`` is None)."""
@@ -256,7 +280,7 @@ class Comm:
             self._skeletons[(False, src)] = _decode(host[_HEAD : _HEAD + n_blob].tobytes())
         skeleton = self._skeletons[(False, src)]
         slots = _layout(skeleton)
-        host_end = _HEAD + _pad8(n_blob) + sum(_pad8(s.nbytes) for s in slots if s.where != "device")
+        host_end = _sizes(n_blob, slots)[0]
         if len(host) < host_end:
             assert work is not None
             host = self._to_host(work, buf, 0, host_end, src)
@@ -340,15 +364,35 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _pack(blob: bytes, tensors: list[torch.Tensor], device: torch.device, capacity: int) -> tuple[torch.Tensor, int]:
+def _sizes(n_blob: int, slots: list[_Slot]) -> tuple[int, int]:
+    """Where a message's host part ends, and its length, for a skeleton of ``n_blob`` bytes
+    and the ``slots`` of :func:`_layout`."""
+    n_host = _HEAD + _pad8(n_blob) + sum(_pad8(s.nbytes) for s in slots if s.where != "device")
+    return n_host, n_host + sum(_pad8(s.nbytes) for s in slots if s.where == "device")
+
+
+def _pack(
+    blob: bytes,
+    tensors: list[torch.Tensor],
+    device: torch.device,
+    capacity: int,
+    out: torch.Tensor | None = None,
+    slots: list[_Slot] | None = None,
+) -> tuple[torch.Tensor, int]:
     """One byte buffer on ``device``, at least ``capacity`` long, and the message's length:
     the header, the skeleton ``blob`` (empty: the channel's last), the host part, the device
-    part (see the module docstring). On CUDA the host bytes go through one pinned buffer and
-    one copy that does not block the host."""
-    slots = _layout(_slots_of(tensors))
-    n_host = _HEAD + _pad8(len(blob)) + sum(_pad8(s.nbytes) for s in slots if s.where != "device")
-    size = n_host + sum(_pad8(s.nbytes) for s in slots if s.where == "device")
-    buf = torch.zeros(max(size, capacity), dtype=torch.uint8, device=device)
+    part (see the module docstring). The buffer is zeroed, or is ``out`` when given (a CPU
+    uint8 tensor at least the message's length, written in place, its padding left as it is).
+    ``slots``: ``_layout(_slots_of(tensors))`` when the caller has it already. On CUDA the host
+    bytes go through one pinned buffer and one copy that does not block the host."""
+    if slots is None:
+        slots = _layout(_slots_of(tensors))
+    n_host, size = _sizes(len(blob), slots)
+    if out is None:
+        buf = torch.zeros(max(size, capacity), dtype=torch.uint8, device=device)
+    else:
+        assert out.device.type == device.type == "cpu" and out.dtype == torch.uint8 and out.numel() >= size
+        buf = out
     pinned = device.type == "cuda"
     host = torch.zeros(n_host, dtype=torch.uint8, pin_memory=True) if pinned else buf[:n_host]
     view = host.numpy()

@@ -2,8 +2,9 @@
 
 Gloo over loopback spends about 0.2 ms of a rank's core per message on a small CPU (its worker
 thread, the socket, the hand-offs), more than packing the message; a mailbox in ``/dev/shm``
-costs one copy and two FIFO writes, and its receiver can poll for a message instead of sleeping
-(see :func:`_wait`). :class:`Mailboxes` is set up by every rank of a group at
+costs two FIFO writes (the sender packs the message straight into it, the receiver copies each
+tensor straight out of it: one copy each way), and its receiver can poll for a message instead
+of sleeping (see :func:`_wait`). :class:`Mailboxes` is set up by every rank of a group at
 once (it uses the group's gloo collectives) and covers each pair whose two ranks see each
 other's files; every other pair keeps the group's transport. ``PARASTEP_SHM_DISABLE=1`` turns it
 off, like ``NCCL_SHM_DISABLE`` (for ranks that share ``/dev/shm`` but stand for separate
@@ -67,7 +68,8 @@ class _Box:
         self.unacked = False  # (sending) a message the receiver has not freed yet
 
     def remap(self, size: int) -> None:
-        self.map.close()
+        # the old mapping is not closed but dropped: a tensor view of it (torch.frombuffer holds no
+        # buffer export, so close() would not refuse) keeps it mapped until the view is gone
         self.map = mmap.mmap(self.fd, size)
 
 
@@ -138,9 +140,11 @@ class Mailboxes:
                 except FileNotFoundError:
                     pass
 
-    def send(self, dst: int, buf: torch.Tensor, size: int, timeout_s: float) -> bool:
-        """Puts the message ``buf[:size]`` in ``dst``'s mailbox; False when it does not fit in
-        ``/dev/shm`` (the mailbox then tells ``dst`` to receive it over the group instead)."""
+    def outbox(self, dst: int, size: int, timeout_s: float) -> torch.Tensor | None:
+        """A writable view of ``size`` bytes of ``dst``'s mailbox, once ``dst`` has freed its last
+        message; None when they do not fit in ``/dev/shm`` (``dst`` is then told to receive the
+        message over the group instead). :meth:`post` sends it, in either case. The bytes are
+        the last message's: write every one that means something."""
         box = self._out[dst]
         if box.unacked:  # the receiver still copies the previous message out
             _wait(box.wake, timeout_s, dst, "taking its previous message")
@@ -156,15 +160,18 @@ class Mailboxes:
                 fits = False
         header = np.frombuffer(box.map, dtype=np.int64, count=2)
         header[:] = (size, 0 if fits else 1)
-        if fits:
-            torch.frombuffer(box.map, dtype=torch.uint8, count=size, offset=_HEADER).copy_(buf[:size])
         del header
+        return torch.frombuffer(box.map, dtype=torch.uint8, count=size, offset=_HEADER) if fits else None
+
+    def post(self, dst: int) -> None:
+        """Tells ``dst`` that the message :meth:`outbox` gave the room for is in."""
+        box = self._out[dst]
         _signal(box.done, dst)
         box.unacked = True
-        return fits
 
-    def recv(self, src: int, timeout_s: float) -> torch.Tensor | int:
-        """``src``'s next message (a tensor of its own), or its size when it travels over the group."""
+    def inbox(self, src: int, timeout_s: float) -> torch.Tensor | int:
+        """``src``'s next message: a view of it in the mailbox, valid until :meth:`free`, or its
+        size when it travels over the group (the mailbox is then free already)."""
         box = self._in[src]
         _wait(box.wake, timeout_s, src, f"sending to rank {self.rank}")
         size, over_group = (int(v) for v in np.frombuffer(box.map, dtype=np.int64, count=2))
@@ -173,9 +180,12 @@ class Mailboxes:
             return size
         if _HEADER + size > len(box.map):
             box.remap(os.fstat(box.fd).st_size)
-        out = torch.frombuffer(box.map, dtype=torch.uint8, count=size, offset=_HEADER).clone()
-        _freed(box.done)
-        return out
+        return torch.frombuffer(box.map, dtype=torch.uint8, count=size, offset=_HEADER)
+
+    def free(self, src: int) -> None:
+        """Tells ``src`` its mailbox may take the next message: nothing may read the view
+        :meth:`inbox` gave after this."""
+        _freed(self._in[src].done)
 
 
 def _path(token: str, src: int, dst: int) -> str:

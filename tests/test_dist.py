@@ -9,6 +9,7 @@ import os
 import time
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -297,6 +298,97 @@ def test_on_one_host_messages_travel_through_shared_memory_and_over_gloo_when_it
     assert first > same  # the skeleton is left out once it is known
     assert larger > 256 and r1["full"]  # `larger` and later messages went over gloo
     assert new_call == first  # a new call sends its skeleton again
+
+
+MAILBOX_SIZES = [64, 64, 20_000, 20_000, 100_000, 64, 20_000]  # float32 values per message
+ROOM = 300_000  # bytes /dev/shm has room for in mailbox_traffic: message 4 (400 KB) goes over gloo
+
+
+def _mailbox_message(i: int) -> dict:
+    """Message ``i`` of :func:`mailbox_traffic`: every value in it is ``i``."""
+    import numpy as np
+
+    n = MAILBOX_SIZES[i]
+    return {"x": torch.full((n,), float(i)), "mask": torch.tensor([True, i % 2 == 0, False]), "state": np.full(3, i)}
+
+
+def _padding(buf: np.ndarray) -> np.ndarray:
+    """The bytes of a packed message that carry nothing: after the skeleton and after each tensor."""
+    from parastep import comm
+
+    n_blob = int(buf[:8].view(np.int64)[0])
+    offset = 16 + comm._pad8(n_blob)
+    gaps = [buf[16 + n_blob : offset]]
+    for slot in comm._layout(comm._decode(buf[16 : 16 + n_blob].tobytes())):
+        gaps.append(buf[offset + slot.nbytes : offset + comm._pad8(slot.nbytes)])
+        offset += comm._pad8(slot.nbytes)
+    assert offset == len(buf)
+    return np.concatenate(gaps)
+
+
+def mailbox_traffic(rank: int) -> dict:
+    """Rank 1 sends :data:`MAILBOX_SIZES`' messages to rank 0 through their mailbox, which has
+    room for all but one; rank 0 keeps every message it receives until the last has arrived."""
+    os.environ["PARASTEP_SHM_DISABLE"] = "0"
+    comm = Comm(dist.group.WORLD, timeout_s=10)
+    cpu = torch.device("cpu")
+    boxes = comm._shm
+    assert boxes is not None and comm.shared_memory_peers == {1 - rank}
+    if rank == 1:
+        refused: list[int] = []
+        over_gloo: list[np.ndarray] = []
+        real_fallocate, real_isend = parastep.shm.os.posix_fallocate, dist.isend
+
+        def full(fd: int, offset: int, length: int) -> None:
+            if length > ROOM:
+                refused.append(length)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fallocate(fd, offset, length)
+
+        def isend(tensor: torch.Tensor, *args, **kwargs):
+            over_gloo.append(tensor.numpy().copy())
+            return real_isend(tensor, *args, **kwargs)
+
+        parastep.shm.os.posix_fallocate = full
+        dist.isend = isend
+        mailbox = []
+        for i in range(len(MAILBOX_SIZES)):
+            comm.send(_mailbox_message(i), 0, cpu)
+            comm.flush()
+            mailbox.append(len(boxes._out[0].map))
+        return dict(refused=refused, over_gloo=over_gloo, mailbox=mailbox)
+    got, mailbox, aliased, owned = [], [], [], []
+    for _ in MAILBOX_SIZES:
+        message = comm.recv(1, cpu)
+        box = boxes._in[1].map
+        view = np.frombuffer(box, dtype=np.uint8)
+        start, end = view.ctypes.data, view.ctypes.data + len(box)
+        del view
+        mailbox.append(len(box))
+        values = [message["x"], message["mask"], torch.from_numpy(message["state"])]
+        aliased.append([start <= t.data_ptr() < end or start < t.data_ptr() + t.nbytes <= end for t in values])
+        owned.append([t.untyped_storage().nbytes() == t.nbytes for t in values[:2]])
+        got.append(message)
+    matches = [_same(_mailbox_message(i), g) for i, g in enumerate(got)]  # after every later message
+    return dict(matches=matches, mailbox=mailbox, aliased=aliased, owned=owned)
+
+
+def test_shared_memory_messages_are_packed_in_the_mailbox_and_copied_out_of_it_once():
+    r0, r1 = run_ranks(mailbox_traffic, 2)
+    assert r0["matches"] == [True] * len(MAILBOX_SIZES)  # each survived the later messages in its mailbox
+    assert not any(map(any, r0["aliased"]))  # nothing received points into the mapping
+    assert all(map(all, r0["owned"]))  # each tensor owns exactly its own bytes
+    # a larger message grows both ends' mapping, which keeps its size when the next are smaller
+    assert r1["mailbox"] == r0["mailbox"]
+    small, _, large, *_ = r0["mailbox"]
+    assert 64 + 256 < small < 64 + 4096 and large > 64 + 80_000
+    assert r0["mailbox"] == [small, small, large, large, large, large, large]
+    # the 400 KB message found no room: it went over gloo, in a zeroed buffer; the next used the mailbox
+    assert len(r1["refused"]) == 1 and r1["refused"][0] > ROOM
+    (sent,) = r1["over_gloo"]
+    assert len(sent) > 400_000
+    padding = _padding(sent.numpy())
+    assert len(padding) >= 5 and not padding.any()
 
 
 def switched_off_on_rank_0(rank: int) -> tuple:
