@@ -233,7 +233,7 @@ class Comm:
         buffer of its own (allocating ~200 KB costs more than the copy). False when it does not
         fit in ``/dev/shm``: the mailbox then tells ``dst`` to receive it over the group."""
         assert self._shm is not None
-        mailbox = self._shm.outbox(dst, size, self.timeout.total_seconds())
+        mailbox = self._shm.outbox(dst, size, self.timeout.total_seconds(), _largest_at(len(blob), slots))
         if mailbox is not None:
             _pack(blob, tensors, mailbox.device, size, out=mailbox, slots=slots)
         self._shm.post(dst)
@@ -369,6 +369,16 @@ def _sizes(n_blob: int, slots: list[_Slot]) -> tuple[int, int]:
     and the ``slots`` of :func:`_layout`."""
     n_host = _HEAD + _pad8(n_blob) + sum(_pad8(s.nbytes) for s in slots if s.where != "device")
     return n_host, n_host + sum(_pad8(s.nbytes) for s in slots if s.where == "device")
+
+
+def _largest_at(n_blob: int, slots: list[_Slot]) -> int:
+    """Where the bytes of a message's largest tensor begin (0 when it has none)."""
+    offset, at, largest = _HEAD + _pad8(n_blob), 0, -1
+    for slot in slots:
+        if slot.nbytes > largest:
+            at, largest = offset, slot.nbytes
+        offset += _pad8(slot.nbytes)
+    return at
 
 
 def _pack(

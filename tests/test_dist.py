@@ -351,12 +351,17 @@ def mailbox_traffic(rank: int) -> dict:
 
         parastep.shm.os.posix_fallocate = full
         dist.isend = isend
-        mailbox = []
+        mailbox, x_at = [], []
         for i in range(len(MAILBOX_SIZES)):
             comm.send(_mailbox_message(i), 0, cpu)
             comm.flush()
-            mailbox.append(len(boxes._out[0].map))
-        return dict(refused=refused, over_gloo=over_gloo, mailbox=mailbox)
+            box = boxes._out[0].map
+            mailbox.append(len(box))
+            _, over_group, lead = np.frombuffer(box, dtype=np.int64, count=3)
+            n_blob = np.frombuffer(box, dtype=np.int64, count=1, offset=64 + lead)[0]
+            if not over_group:  # where "x", the first and largest tensor, begins in the mapping
+                x_at.append(int(64 + lead + 16 + -(-n_blob // 8) * 8))
+        return dict(refused=refused, over_gloo=over_gloo, mailbox=mailbox, x_at=x_at)
     got, mailbox, aliased, owned = [], [], [], []
     for _ in MAILBOX_SIZES:
         message = comm.recv(1, cpu)
@@ -383,6 +388,7 @@ def test_shared_memory_messages_are_packed_in_the_mailbox_and_copied_out_of_it_o
     small, _, large, *_ = r0["mailbox"]
     assert 64 + 256 < small < 64 + 4096 and large > 64 + 80_000
     assert r0["mailbox"] == [small, small, large, large, large, large, large]
+    assert len(r1["x_at"]) == len(MAILBOX_SIZES) - 1 and all(at % 64 == 0 for at in r1["x_at"])  # on a cache line
     # the 400 KB message found no room: it went over gloo, in a zeroed buffer; the next used the mailbox
     assert len(r1["refused"]) == 1 and r1["refused"][0] > ROOM
     (sent,) = r1["over_gloo"]
