@@ -196,7 +196,8 @@ class Comm:
             self._posted[src] = self._irecv(src, self._agreed_size(False, src), device)
 
     def send(self, obj: Any, dst: int | list[int], device: torch.device) -> None:
-        """Starts sending ``obj`` to ``dst`` (a rank, or several: the message is packed once);
+        """Starts sending ``obj`` to ``dst`` (a rank, or several: the message is packed once for
+        the group's transport, and straight into each shared-memory mailbox);
         :meth:`flush` awaits completion."""
         dsts = [dst] if isinstance(dst, int) else list(dst)
         self._backend(device)
