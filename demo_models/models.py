@@ -33,17 +33,17 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def _groups(channels: int) -> int:
-    return 8 if channels % 8 == 0 else 1
+def _groups(channels: int, groups: int = 8) -> int:
+    return groups if channels % groups == 0 else 1
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, emb_dim: int) -> None:
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int = 8) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.norm1 = nn.GroupNorm(_groups(c_in, groups), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * c_out)
-        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out, groups), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         nn.init.zeros_(self.conv2.weight)
@@ -82,6 +82,7 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         patch_size: int = 1,
         spatial_conditioning: bool = True,
         motion_slot: int | None = None,
+        norm_groups: int = 8,
     ) -> None:
         super().__init__()
         if num_frames > 1:
@@ -99,12 +100,12 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         c = block_out_channels[0]
         skips = []
         for i, c_out in enumerate(block_out_channels):
-            self.down.append(ResBlock(c, c_out, emb_dim))
+            self.down.append(ResBlock(c, c_out, emb_dim, norm_groups))
             c = c_out
             skips.append(c)
             last = i == len(block_out_channels) - 1
             self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1))
-        self.mid = nn.ModuleList(ResBlock(c, c, emb_dim) for _ in range(mid_blocks))
+        self.mid = nn.ModuleList(ResBlock(c, c, emb_dim, norm_groups) for _ in range(mid_blocks))
         # Learned per-attribute feature maps at the bottleneck: a direct, spatially resolved
         # path from "top left" / "triangle" to where and what to draw, which FiLM alone
         # (a per-channel scale and shift) learns only slowly.
@@ -119,12 +120,12 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for i, c_out in reversed(list(enumerate(block_out_channels))):
-            self.up.append(ResBlock(c + skips[i], c_out, emb_dim))
+            self.up.append(ResBlock(c + skips[i], c_out, emb_dim, norm_groups))
             c = c_out
             self.upsample.append(nn.Identity() if i == 0 else nn.Conv2d(c, block_out_channels[i - 1], 3, padding=1))
             if i > 0:
                 c = block_out_channels[i - 1]
-        self.norm_out = nn.GroupNorm(_groups(c), c)
+        self.norm_out = nn.GroupNorm(_groups(c, norm_groups), c)
         self.conv_out = nn.Conv2d(c, chans, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]  # a Conv2d made with a bias
@@ -196,3 +197,42 @@ class AttributeUNet(ModelMixin, ConfigMixin):
         if cfg.patch_size > 1:
             out = F.pixel_shuffle(out, cfg.patch_size)
         return out
+
+
+def widened(net: AttributeUNet, factor: int) -> AttributeUNet:
+    """``net`` with every block ``factor`` times as wide, computing the same function.
+
+    Net2Net-style growth (Chen et al., 2016): in each layer the old channels keep their weights
+    and read only old channels (their weights from the new channels start at zero); the new
+    channels start from a fresh layer's initialisation and feed nothing old until training
+    makes them, which it does from the first step (the zero weights get gradients). Norm groups
+    scale with the width, so no group mixes old and new channels. Where a layer's channels are
+    two parts (an up block's input is the upsampled path then the skip; FiLM's output is the
+    scale then the shift) each part keeps its old channels first.
+    """
+    cfg = {k: v for k, v in net.config.items() if not k.startswith("_")}
+    cfg["block_out_channels"] = tuple(c * factor for c in cfg["block_out_channels"])
+    cfg["norm_groups"] = cfg.get("norm_groups", 8) * factor
+    new = AttributeUNet(**cfg)
+    old_params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            old = old_params[name]
+            # the dimension (if any) made of two parts: FiLM's output; an up block's input
+            up_input = name.startswith("up.") and (".norm1." in name or ".conv1." in name or ".skip." in name)
+            two_parts = 0 if ".film." in name else (0 if ".norm1." in name else 1) if up_input else None
+            maps = [_channel_map(old.shape[d], p.shape[d], d == two_parts) for d in range(old.ndim)]
+            p[torch.meshgrid(*maps, indexing="ij")] = old
+            if isinstance(new.get_submodule(name.rsplit(".", 1)[0]), nn.Conv2d | nn.Linear) and p.ndim >= 2:
+                fresh_inputs = torch.ones(p.shape[1], dtype=torch.bool)
+                fresh_inputs[maps[1]] = False
+                p[maps[0][:, None], fresh_inputs.nonzero()[:, 0][None]] = 0
+    return new
+
+
+def _channel_map(old: int, new: int, two_parts: bool) -> torch.Tensor:
+    """Where each of ``old`` channels sits among ``new``: first, or first in each of two halves."""
+    if old == new or not two_parts:
+        return torch.arange(old)
+    half, new_half = old // 2, new // 2
+    return torch.cat([torch.arange(half), new_half + torch.arange(half)])

@@ -256,3 +256,55 @@ def test_default_guidance_is_the_best_measured_one(kind):
     default = inspect.signature(PIPELINE_CLASSES[kind].__call__).parameters["guidance_scale"].default
     assert record["default_guidance"] == DEFAULT_GUIDANCE[kind] == default == best
     assert set(sweep) == {1.0, 2.0, 3.0, 4.0, 5.0} and record["held_out_prompts"] == 100
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+def test_a_widened_denoiser_computes_the_same_function_and_its_new_channels_learn(frames):
+    from demo_models.models import AttributeUNet, widened
+
+    torch.manual_seed(0)
+    video = dict(num_frames=frames, motion_slot=2) if frames > 1 else {}
+    net = AttributeUNet(sample_size=(16, 16), block_out_channels=(8, 16, 32), mid_blocks=1, patch_size=2, **video)
+    with torch.no_grad():  # trained-looking weights: fresh ones zero every residual branch and the output
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    big = widened(net, 2)
+    assert tuple(big.config.block_out_channels) == (16, 32, 64) and big.config.norm_groups == 16
+    x = torch.randn((3, 3, frames, 16, 16) if frames > 1 else (3, 3, 16, 16))
+    labels = torch.tensor([[1, 2, 1, 0, 3], [0, 0, 0, 0, 0], [6, 3, 2, 2, 4]])
+    small_out, big_out = net(x, 500, labels).sample, big(x, 500, labels).sample
+    assert small_out.abs().mean() > 0.1
+    torch.testing.assert_close(big_out, small_out, atol=1e-4, rtol=1e-4)
+    # the old channels' links from the new ones start at zero and get gradients at once
+    big_out.square().mean().backward()
+    link = big.get_parameter("down.1.conv1.weight")  # 16 old outputs x (8 old + 8 new inputs) of 32 x 16
+    assert link.grad is not None
+    assert torch.all(link.detach()[:16, 8:] == 0) and link.grad[:16, 8:].abs().sum() > 0
+
+
+def test_a_grown_recipe_trains_its_base_first_then_widens_it(tmp_path):
+    import copy
+
+    from demo_models.train import RECIPES, Growth, train
+
+    base = copy.deepcopy(RECIPES["audio"])
+    base.unet = dict(base.unet, block_out_channels=(8, 16, 16))
+    base.dataset_size, base.steps, base.batch_size, base.warmup = 8, 2, 4, 1
+    grown = copy.deepcopy(base)
+    grown.unet = dict(base.unet, block_out_channels=(16, 32, 32), norm_groups=16)
+    grown.grown_from = Growth(base=base, factor=2)
+    stats = train(grown, tmp_path / "grown", base_dir=tmp_path / "base")
+    assert (tmp_path / "base" / "training.json").is_file()
+    assert stats["recipe"]["grown_from"]["factor"] == 2
+    unet = load_pipeline("audio", path=tmp_path / "grown").unet
+    assert tuple(unet.config.block_out_channels) == (16, 32, 32) and unet.config.norm_groups == 16
+    grown.unet = dict(base.unet, block_out_channels=(16, 32, 64), norm_groups=16)  # not what widening gives
+    with pytest.raises(ValueError, match="not the recipe's"):
+        train(grown, tmp_path / "wrong", base_dir=tmp_path / "base")
+
+
+def test_the_built_in_weights_stay_within_60_mb():
+    from pathlib import Path
+
+    weights = list((Path(__file__).parents[1] / "assets").glob("*/unet/*.safetensors"))
+    assert len(weights) == 3 and sum(w.stat().st_size for w in weights) <= 60e6
