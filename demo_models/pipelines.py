@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_STEPS = 50
 # Classifier-free guidance scale per model: the one that measured best on 100 held-out prompts
 # (`python -m demo_models.evaluate <kind> --guidance 1,2,3,4,5`; figures in assets/<kind>/README.md).
-DEFAULT_GUIDANCE = {"image": 5.0, "video": 4.0, "audio": 2.0}
+DEFAULT_GUIDANCE = {"image": 2.0, "video": 3.0, "audio": 2.0}
 
 
 @dataclass

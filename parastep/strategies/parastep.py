@@ -142,7 +142,7 @@ class ParaStep(Strategy):
         device = main_output(result).device
         if self.rank == 0:
             message = ([result[k] for k in shared], _changed_state(self.scheduler, self.snapshot))
-            comm.send(message, list(range(1, comm.size)), device)  # packed once for every peer
+            comm.send(message, list(range(1, comm.size)), device)  # one send() for every peer
             if call.step == call.steps - 1:
                 comm.flush()
             return result
