@@ -134,7 +134,12 @@ def test_bench_interrupted_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
     model = save_tiny_sd(tmp_path)
     cmd = [sys.executable, "-m", "launcher.bench", "--models", "--model", str(model), "--steps", "40"]
     cmd += ["--warmup", "2", "--seeds", "20", "--out", str(tmp_path / "out"), "--link", "1mbit"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # Ctrl-C reaches a foreground program, whose SIGINT is not ignored; a suite started in the
+    # background of a non-interactive shell would hand its SIG_IGN down, and Python keeps it
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=default_sigint
+    )
     tag = f"parastep-{proc.pid}-"
     deadline = time.monotonic() + 120
     while len(_namespaces(tag)) < 2 or not _rank_pids(tag):  # the ranks run in the namespaces
