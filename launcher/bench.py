@@ -25,6 +25,7 @@ rate, and the bytes the link carried. Needs root (CAP_NET_ADMIN).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -223,6 +224,7 @@ def _serve(rank: int, session: Session, emit: Callable[[tuple[str, Any]], None])
         emit(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
         raise
     finally:
+        gc.collect()  # the strategies' last references to the group sit in cycles: free them while it lives
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -409,7 +411,7 @@ def _score(runs: list[Run]) -> None:
 LINK_PORT = 29400  # the rendezvous port on node 0 (a namespace of its own: nothing else listens there)
 
 
-def link_rank(session_path: Path, out_path: Path) -> int:
+def link_rank(session_path: Path, out_path: Path) -> NoReturn:
     """One rank of a ``--link`` session, as torchrun starts it on either node: its rank from
     torchrun's RANK, its process group on torchrun's store; rank 0 writes what it measured to
     ``out_path`` (:func:`_write_events`: JSON and arrays, nothing pickled)."""
@@ -430,7 +432,12 @@ def link_rank(session_path: Path, out_path: Path) -> int:
     finally:
         if rank == 0:
             _write_events(events, out_path)
-    return 0
+    # Done and written: leave without the interpreter's teardown. Node 1's rank aborted in it now and
+    # then after the last barrier (SIGABRT, "terminate called without an active exception", inside
+    # torch), and node 0's torchrun then waited out its 300 s exit barrier before failing the run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _write_events(events: list[tuple[str, Any]], path: Path) -> None:
@@ -458,6 +465,18 @@ def _read_events(path: Path) -> list[tuple[str, Any]]:
     return events
 
 
+def _wait_nodes(procs: list[subprocess.Popen], timeout_s: float, grace_s: float = 15.0) -> None:
+    """Until every node's torchrun has exited, or one failed and the others had ``grace_s`` to
+    follow (a node left running would wait out torchrun's 300 s exit barrier for the failed one)."""
+    deadline = time.monotonic() + timeout_s
+    while None in (codes := [p.poll() for p in procs]):
+        if any(codes):
+            deadline = min(deadline, time.monotonic() + grace_s)
+        if time.monotonic() > deadline:
+            return  # the caller's clean-up stops what is still running
+        time.sleep(0.1)
+
+
 def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run], list[int]]:
     """``session`` on two nodes joined by a link of ``rate``: one torchrun per node, multi-node
     rendezvous. Returns rank 0's runs and the bytes each node sent over the link in all."""
@@ -473,6 +492,7 @@ def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run]
             for node, addr in enumerate(link.ADDRESSES):
                 env = dict(os.environ, GLOO_SOCKET_IFNAME=link.INTERFACE, OMP_NUM_THREADS=str(session.threads))
                 env["PARASTEP_SHM_DISABLE"] = "1"  # the two "nodes" share /dev/shm: keep every message on the link
+                env["PYTHONFAULTHANDLER"] = "1"  # a rank that crashes prints where, into its node's log
                 env["PYTHONPATH"] = os.pathsep.join(
                     [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
                 )
@@ -504,9 +524,7 @@ def _link_session(session: Session, rate: str, workdir: Path) -> tuple[list[Run]
                             start_new_session=True,
                         )
                     )
-            deadline = time.monotonic() + 3600
-            for proc in procs:
-                proc.wait(timeout=max(1, deadline - time.monotonic()))
+            _wait_nodes(procs, timeout_s=3600)
             carried = [net.sent_bytes(0), net.sent_bytes(1)]
         finally:
             for proc in procs:  # torchrun and its worker share the session this process gave them
@@ -740,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-rank", nargs=2, type=Path, help=argparse.SUPPRESS)  # what torchrun starts per node
     args = p.parse_args(argv)
     if args.link_rank:
-        return link_rank(*args.link_rank)
+        link_rank(*args.link_rank)
     cores, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
     device = args.device if args.device != "auto" else "cuda" if gpus >= 2 else "cpu"
     ranks = args.ranks or (gpus if device == "cuda" else cores)

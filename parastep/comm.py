@@ -263,7 +263,10 @@ class Comm:
             work, buf = self._irecv(src, size, device)
             host = self._to_host(work, buf, 0, min(size, _PREFETCH), src)
             self.bytes_received += size
-        return self._finish(buf, host, n_blob, src, work)
+        try:
+            return self._finish(buf, host, n_blob, src, work)
+        finally:
+            self._completed = None  # between messages a Comm holds no operation of the group
 
     def _finish_on_host(self, buf: torch.Tensor, src: int) -> Any:
         """The message in the CPU buffer ``buf``, all of it received."""

@@ -216,6 +216,8 @@ def comm_messages(rank: int, shared_memory: bool) -> dict:
                 comm.expect(1, cpu)  # posted before the message is sent, as ParaStep's windows do
             got.append(comm.recv(1, cpu))
         deltas.append(comm.bytes_sent + comm.bytes_received - before)
+    # between messages no operation of the group is held: nothing keeps it alive past destroy_process_group
+    holds = [w for w in (comm._completed, *comm._posted.values(), *comm._pending) if w is not None]
     refused = None
     if shared_memory:  # no receive is posted ahead there (a peer ahead may mail a call's first message early)
         pass
@@ -232,7 +234,9 @@ def comm_messages(rank: int, shared_memory: bool) -> dict:
     expected = [m for m in _messages() if m != "new call"]
     matches = [(_same(e, g), repr((e, g))) for e, g in zip(expected, got)]  # compared here: no conversion
     peers = sorted(comm.shared_memory_peers)
-    return dict(matches=matches, received=len(got), deltas=deltas, refused=refused, peers=peers, full=refusals)
+    return dict(
+        matches=matches, received=len(got), deltas=deltas, refused=refused, peers=peers, full=refusals, holds=len(holds)
+    )
 
 
 def _same(a, b) -> bool:
@@ -284,6 +288,7 @@ def test_messages_arrive_exactly_in_one_buffer_of_the_size_agreed_in_the_call():
     assert smaller == same  # one buffer of the agreed size (padded)
     assert larger > 2 * same  # the header padded to the agreed size, then the larger buffer
     assert new_call == first  # a new call agrees its sizes again
+    assert r0["holds"] == r1["holds"] == 0
     assert "stopped mid-window" in r0["refused"] and "new_group" in r0["refused"]
 
 

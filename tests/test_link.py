@@ -86,6 +86,19 @@ def test_rates_are_checked() -> None:
             link.rate_bits(bad)
 
 
+def test_a_failed_node_ends_the_wait_for_the_other() -> None:
+    from launcher.bench import _wait_nodes
+
+    procs = [subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sh", "-c", "exit 1"])]
+    try:  # the node still running would wait out torchrun's 300 s exit barrier for the failed one
+        start = time.monotonic()
+        _wait_nodes(procs, timeout_s=60, grace_s=1)
+        assert time.monotonic() - start < 10 and procs[0].poll() is None and procs[1].returncode == 1
+    finally:
+        procs[0].kill()
+        procs[0].wait()
+
+
 @pytest.mark.slow  # the benchmark as a subprocess
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) drops the capability")
 def test_without_net_admin_the_command_says_why(tmp_path: Path) -> None:
