@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TRAIN_SEED = 0
+SHARD = "9MB"  # weights files under Hugging Face's 10 MiB limit outside Git LFS: a Space takes the repo as is
 
 
 SCHEDULER = dict(
@@ -322,7 +323,7 @@ def _grown(recipe: Recipe, threads: int, base_dir: Path | None) -> AttributeUNet
 
 def save(pipe, out_dir: Path, stats: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True, max_shard_size=SHARD)
     (out_dir / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
