@@ -467,13 +467,16 @@ def _read_events(path: Path) -> list[tuple[str, Any]]:
 
 def _wait_nodes(procs: list[subprocess.Popen], timeout_s: float, grace_s: float = 15.0) -> None:
     """Until every node's torchrun has exited, or one failed and the others had ``grace_s`` to
-    follow (a node left running would wait out torchrun's 300 s exit barrier for the failed one)."""
-    deadline = time.monotonic() + timeout_s
+    follow (a node left running would wait out torchrun's 300 s exit barrier for the failed one);
+    the caller's clean-up stops what is still running. TimeoutError after ``timeout_s``."""
+    deadline, failed = time.monotonic() + timeout_s, None
     while None in (codes := [p.poll() for p in procs]):
-        if any(codes):
-            deadline = min(deadline, time.monotonic() + grace_s)
-        if time.monotonic() > deadline:
-            return  # the caller's clean-up stops what is still running
+        now = time.monotonic()
+        failed = failed or (now if any(codes) else None)
+        if failed is not None and now > failed + grace_s:
+            return
+        if now > deadline:
+            raise TimeoutError(f"the two nodes did not finish within {timeout_s:.0f} s")
         time.sleep(0.1)
 
 

@@ -94,6 +94,8 @@ def test_a_failed_node_ends_the_wait_for_the_other() -> None:
         start = time.monotonic()
         _wait_nodes(procs, timeout_s=60, grace_s=1)
         assert time.monotonic() - start < 10 and procs[0].poll() is None and procs[1].returncode == 1
+        with pytest.raises(TimeoutError, match="did not finish within 1 s"):  # none failed: the session's limit
+            _wait_nodes(procs[:1], timeout_s=1)
     finally:
         procs[0].kill()
         procs[0].wait()
