@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -626,6 +627,17 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
     return rows
 
 
+def steal_share(before: Any, after: Any) -> float:
+    """The share of this machine's CPU time between two ``psutil.cpu_times()`` readings that the
+    hypervisor gave to other guests (0 where the system does not report it)."""
+
+    def total(t: Any) -> float:  # guest time is counted in user time already
+        return sum(v for k, v in t._asdict().items() if not k.startswith("guest"))
+
+    elapsed = total(after) - total(before)
+    return (getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)) / elapsed if elapsed > 0 else 0.0
+
+
 def _time_split(runs: list[Run], warmup: int) -> dict[str, float]:
     """Where rank 0's time goes after warm-up: seconds per step, by what the step did."""
     split: dict[str, list[float]] = {}
@@ -835,12 +847,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     rows: list[dict] = []
     hooks: dict[str, dict] = {}
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), psutil.cpu_times()
     for session in sessions:
         runs, session_hooks = run_session(session)
         rows += summarise(session, runs)
         hooks.update(session_hooks)
+    steal = steal_share(cpu_before, psutil.cpu_times())
     print(format_table(rows))
+    print(
+        f"\nhost: {steal:.1%} of the CPU time went to other guests during the run (steal); parallel rows wait "
+        "for their slowest rank, so ratios here drop on a host that steals"
+    )
     for r in rows:
         if r["busy_ceiling"]:
             print(
@@ -876,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=device,
                 gpus=gpus,
                 seconds=time.perf_counter() - started,
+                steal_share=steal,
                 rows=rows,
                 hook_cost=hooks,
             ),

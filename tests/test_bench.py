@@ -56,6 +56,7 @@ def test_bench_table(tmp_path):
     assert "backend:device" in lines[0].split()
     result = json.loads((out / "bench.json").read_text())
     rows = result["rows"]
+    assert 0 <= result["steal_share"] < 1 and any(line.startswith("host: ") for line in lines)
     assert (result["backend"], result["device"]) == ("gloo", "cpu") and {r["backend"] for r in rows} == {"gloo:cpu"}
     hooks = result["hook_cost"]
     assert list(hooks) == [rows[0]["model"]] and hooks[rows[0]["model"]]["pairs"] == 3
