@@ -3,6 +3,9 @@ ParaStep-2 on 2 gloo ranks, where its time goes, and on one large layer that ski
 skipped work.
 
     PYTHONPATH=$PWD .venv/bin/python tests/measure_sparsetem.py --prompts 20 --seed 7 --out runs/sparsetem.json
+    PYTHONPATH=$PWD .venv/bin/python tests/measure_sparsetem.py --prompts 16 --verify-guidance 1,3,4
+
+The second measures every frame's error (``verify=True``) at those guidance scales instead.
 
 Every process uses one thread. The methods take turns prompt by prompt (the order rotates), so load
 from other processes hits them alike; speedups are ratios of sums over the same prompts. "denoiser"
@@ -136,6 +139,28 @@ def _layer_timers(unet: torch.nn.Module, seconds: dict[str, float]) -> list:
     return handles
 
 
+def verified(prompts: list[str], steps: int, target: float, scales: list[float]) -> None:
+    """The largest relative error of any layer's output on any frame (``verify=True``: frames the
+    audits did not measure too), against the error target, clip by clip, at each guidance scale."""
+    torch.set_num_threads(1)
+    pipe = demo_models.load_pipeline("video")
+    config = parastep.SparseTemConfig(error_target=target, verify=True)
+    for scale in scales:
+        ratios = []
+        for i, prompt in enumerate(prompts):
+            handle = parastep.apply(pipe, config)
+            gen = torch.Generator().manual_seed(i)
+            pipe(prompt, num_inference_steps=steps, generator=gen, guidance_scale=scale, output_type="latent")
+            layers = parastep.SparseTemStats.of(handle).layers
+            handle.remove()
+            ratios.append(max(layer.verified_error or 0.0 for layer in layers) / target)
+        print(
+            f"guidance {scale:g}: largest error / target, clip by clip: {' '.join(f'{r:.2f}' for r in ratios)}; "
+            f"max {max(ratios):.2f}, median {np.median(ratios):.2f}",
+            flush=True,
+        )
+
+
 def micro(frames: int = 8, channels: int = 64, size: int = 64, reps: int = 7) -> list[dict]:
     """One Conv2d(64, 64, 3) on 8 frames of 64x64 whose later frames change in a square covering a
     fraction of the frame: dense vs SparseTem's layer hook at threshold 0 (exact up to rounding);
@@ -251,9 +276,13 @@ def main() -> None:
     parser.add_argument("--profile-prompts", type=int, default=3)
     parser.add_argument("--skip-ranks", action="store_true", help="leave out the 2-rank rows")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--verify-guidance", help="comma-separated guidance scales: measure every frame's error only")
     args = parser.parse_args()
     prompts = demo_models.random_prompts("video", args.prompts, seed=args.seed)
     targets = [float(t) for t in args.error_targets.split(",")]
+    if args.verify_guidance:
+        verified(prompts, args.steps, targets[0], [float(g) for g in args.verify_guidance.split(",")])
+        return
     micro_rows = micro()
     single_runs = single(prompts, args.steps, targets)
     for runs in single_runs.values():

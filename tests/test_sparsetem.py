@@ -19,7 +19,7 @@ EXACT = dict(threshold=0.0, adaptive=False, audit_every=0, min_macs=0, retry_eve
 
 def latents(pipe, steps: int = 4, prompt: str = PROMPT, **kw) -> torch.Tensor:
     # Unguided unless asked: the clip counts and error targets below were sized on one clip per
-    # call (the video model's default guidance is 4 since issue 12: a guidance batch of two clips).
+    # call (the video model's default guidance is 3, a guidance batch of two clips, since issue 12).
     kw.setdefault("guidance_scale", 1.0)
     gen = torch.Generator().manual_seed(0)
     return pipe(prompt, num_inference_steps=steps, generator=gen, output_type="latent", **kw).frames

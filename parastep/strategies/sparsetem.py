@@ -91,8 +91,9 @@ class SparseTemConfig(StrategyConfig):
     output (against the same layer computed densely on the same input) that the thresholds adapt to
     (``adaptive``): on every ``audit_every``-th call of a layer the frame with the most skipped change
     is computed densely too; above the target the call is recomputed densely. Other frames are not
-    measured (``verify=True`` measures them; on the built-in video model they stayed within twice the
-    target unguided, and reached 2.04 times it at guidance 4 on one 6-step clip).
+    measured (``verify=True`` measures them; on the built-in video model at 50 steps, 16 clips per
+    guidance scale, every layer's output on every frame stayed within 1.35 times the target
+    unguided, 0.67 times it at guidance 3, the model's default, and 0.75 times it at guidance 4).
 
     ``tile``: output tile side in pixels. A frame with more than ``dense_above`` of its tiles changed
     is computed densely; a layer that computed every later frame of a call densely runs densely for
