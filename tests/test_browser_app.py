@@ -108,6 +108,24 @@ def test_race_and_share_in_a_real_browser(tmp_path: Path) -> None:
         for label in ("Baseline", "ParaStep (2 ranks)", "BatchStep", "AsyncDiff (2 ranks)"):
             expect(table).to_contain_text(label)
         expect(page.locator("#race-table")).to_contain_text("crosses the link")
+        # no word of the table breaks inside itself (Gradio's Markdown breaks words: "Ide / al")
+        broken = table.locator("th, td").evaluate_all(
+            """cells => cells.flatMap(cell => {
+                const words = [];
+                const walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+                for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+                    for (const m of node.textContent.matchAll(/\\S+/g)) {
+                        const range = document.createRange();
+                        range.setStart(node, m.index);
+                        range.setEnd(node, m.index + m[0].length);
+                        const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+                        if (tops.size > 1) words.push(m[0]);
+                    }
+                }
+                return words;
+            })"""
+        )
+        assert broken == [], f"words broken across lines in the race table: {broken}"
         expect(page.locator("#race-gallery img")).to_have_count(4)
         expect(page.locator("#race-timeline img, #race-timeline svg, #race-timeline canvas").first).to_be_visible()
         page.locator("#share-btn").click()

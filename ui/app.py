@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 CSS = """
 .crisp img { image-rendering: pixelated; }
-#latency-panel table { font-variant-numeric: tabular-nums; }
+#latency-panel table, #race-table table { font-variant-numeric: tabular-nums; }
+/* Gradio's Markdown breaks words anywhere ("Ide / al"): break at spaces, scroll if it must */
+#race-table table, #race-table th, #race-table td { word-break: normal; overflow-wrap: normal; }
+#race-table { overflow-x: auto; }
 """
 
 # The outputs of /generate and /compare, in order (the README's API table names them too).
