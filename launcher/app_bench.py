@@ -9,7 +9,9 @@ app, started as ``bash scripts/start.sh`` starts it (2 CPU ranks), serves ``--re
 requests (ParaStep against the baseline, seeds 0..N-1) through gradio_client by name, and the
 panel's speedups are kept (whole call and denoising). Then, with the app stopped, the engine
 benchmark (:mod:`launcher.bench`) measures the baseline on one rank and ParaStep on 2 ranks for
-the same settings and seeds. Prints one row per model: both medians, their ratio and the ideal.
+the same settings and seeds. Prints one row per model: both medians, their ratio, the ideal, and
+the cores other programs on this machine kept busy during the app's ParaStep runs (median: a
+parallel run feels them first, so a figure above about 0.1 means the app's column is low).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def measure_app(kinds: list[str], repeats: int) -> dict[str, dict[str, Any]]:
                 "speedup": statistics.median(r["speedup"] for r in runs),
                 "speedup_denoise": statistics.median(r["speedup_denoise"] for r in runs),
                 "ideal": runs[0]["ideal_speedup"],
+                # other programs on this machine slow a parallel run first: this says they were idle
+                "other_cores": statistics.median(r["method"]["other_cores"] for r in runs),
                 "runs": runs,
             }
     return found
@@ -72,13 +76,14 @@ def measure_engine(kind: str, steps: int, repeats: int, out: Path) -> dict[str, 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | steps | warm-up | app: whole call | app: denoising | engine (bench) | app / engine | ideal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | steps | warm-up | app: whole call | app: denoising | engine (bench) | app / engine | ideal "
+        "| other programs (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['steps']} | {WARMUP} | {r['app']:.2f}× | {r['app_denoise']:.2f}× | "
-            f"{r['engine']:.2f}× | {r['app'] / r['engine']:.2f} | {r['ideal']:.2f}× |"
+            f"{r['engine']:.2f}× | {r['app'] / r['engine']:.2f} | {r['ideal']:.2f}× | {r['other_cores']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -87,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launcher.bench --app", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=["image", "video", "audio"], help="built-in kinds to measure")
     p.add_argument("--repeats", type=int, default=5, help="Compare requests (and benchmark seeds) per model")
-    p.add_argument("--no-previews-too", action="store_true", help="also measure the app started with --preview-every 0")
     p.add_argument("--out", type=Path, default=Path("runs/app_bench"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 app_denoise=app[kind]["speedup_denoise"],
                 engine=engine["speedup"],
                 ideal=app[kind]["ideal"],
+                other_cores=app[kind]["other_cores"],
             )
         )
     table = format_table(rows)

@@ -29,6 +29,7 @@ import parastep
 from launcher import quality
 from launcher.control import ControlChannel
 from launcher.group import PeerGroup, run_group
+from launcher.hostload import OtherLoad
 from launcher.methods import METHOD_INFO, configs, ideal_speedup, run_ranks
 from launcher.models import LoadedModel, call_pipeline, denoiser_of, extract_media, preview_of
 from launcher.protocol import CompareOutput, PeerRun, Progress, RaceOutput, RunError, RunOutput, Shutdown
@@ -262,6 +263,7 @@ class Backend:
         job.events.put(Progress(label, 0, steps))
         timing: dict[str, float] = {}
         note, sparse = "", None
+        load = OtherLoad()
         if method == "baseline" and not sparsetem:
             out, seconds, stats = self._run_baseline(model, req, on_step, timing)
         elif METHOD_INFO[method].distributed:
@@ -281,6 +283,7 @@ class Backend:
             fps=info.fps,
             denoise_s=timing.get("denoise_s"),
             sparsetem=sparse,
+            other_cores=load.cores(),
         )
 
     def _run_local(

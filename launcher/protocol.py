@@ -48,6 +48,7 @@ class RunOutput:
     fps: int = 8
     denoise_s: float | None = None  # until the last denoising step ended (no decoding)
     sparsetem: SparseTemStats | None = None  # rank 0's, when SparseTem ran
+    other_cores: float | None = None  # cores other programs on rank 0's machine kept busy meanwhile
 
     @property
     def model_calls(self) -> list[int]:

@@ -105,6 +105,8 @@ def test_compare(client: Client, kind: str) -> None:
     assert cells["Ideal speedup for these settings"][1].strip() == f"{stats['ideal_speedup']:.2f}×"
     for side, cell in zip(("baseline", "method"), cells["Model calls per rank"]):
         assert cell.strip() == " · ".join(str(c) for c in stats[side]["model_calls_per_rank"])
+    for side, cell in zip(("baseline", "method"), cells["Other programs' load on this machine"]):
+        assert stats[side]["other_cores"] >= 0 and cell.strip() == f"{stats[side]['other_cores']:.2f} cores"
     for row in (
         "Wall time",
         "Speedup",

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from launcher.testing import ROOT
 from tests.tiny_pipelines import save_tiny_sd
 
 pytestmark = pytest.mark.slow  # starts the app or the benchmark as subprocesses
@@ -161,3 +162,28 @@ def test_bench_sparsetem_rows_on_the_video_model_only(tmp_path):
         assert 0 <= row["skipped_work"] <= 1 and row["wall_median_s"] > 0
         assert row["model_calls_per_rank"].count("/") == (1 if method.endswith("parastep-2") else 0)
         assert f"built-in video {method}: SparseTem skipped" in proc.stdout
+
+
+def test_bench_app_measures_the_apps_compare_beside_the_engine(tmp_path):
+    out = tmp_path / "app"
+    cmd = [sys.executable, "-m", "launcher.bench", "--app", "--models", "image", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "app_bench.json").read_text())
+    (row,) = result["rows"]
+    (run,) = result["app"]["image"]["runs"]  # the panel's numbers of the one timed Compare
+    assert row["app"] == run["speedup"] and row["app_denoise"] == run["speedup_denoise"]
+    assert row["other_cores"] == run["method"]["other_cores"] >= 0
+    assert row["engine"] > 0 and row["ideal"] == run["ideal_speedup"] > 1
+    cells = [c.strip() for c in proc.stdout.splitlines()[-3].strip("|").split("|")]
+    assert cells == [
+        "image",
+        str(row["steps"]),
+        "2",
+        f"{row['app']:.2f}×",
+        f"{row['app_denoise']:.2f}×",
+        f"{row['engine']:.2f}×",
+        f"{row['app'] / row['engine']:.2f}",
+        f"{row['ideal']:.2f}×",
+        f"{row['other_cores']:.2f}",
+    ]

@@ -140,6 +140,48 @@ def test_the_panel_flags_a_result_far_from_its_baseline() -> None:
         assert panel.compare_numbers(result)["below_quality_floor"] is flagged
 
 
+def test_the_panel_says_when_other_programs_slowed_a_parallel_run() -> None:
+    import numpy as np
+
+    from launcher.protocol import CompareOutput, RunOutput
+    from ui import panel
+
+    def run(method: str, ranks: int, other_cores: float) -> RunOutput:
+        stats = [RunStats(method, rank=r, steps=4) for r in range(ranks)]
+        return RunOutput(method, "image", np.zeros((4, 4, 3)), None, 1.0, stats, 1.5, other_cores=other_cores)
+
+    for method, ranks, other, said in (
+        ("parastep", 2, 0.31, True),
+        ("parastep", 2, 0.05, False),
+        ("batchstep", 1, 0.9, False),  # one rank: it feels another program no more than the baseline
+    ):
+        result = CompareOutput(run("baseline", 1, 0.02), run(method, ranks, other), 1.2, None, 30.0, 0.9)
+        text = panel.compare_markdown(result)
+        assert ("Other programs kept 0.31 of a core busy" in text) is said, text
+        assert f"| Other programs' load on this machine | 0.02 cores | {other:.2f} cores |" in text
+        assert panel.compare_numbers(result)["method"]["other_cores"] == other
+        assert ("Other programs kept" in panel.run_markdown(result.method)) is said
+
+
+def test_other_load_counts_other_programs_and_not_this_one_or_its_children() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from launcher.hostload import OtherLoad
+
+    burn = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+    load = OtherLoad()
+    subprocess.run([sys.executable, "-c", burn], check=True)  # ours, exited and waited for by the end
+    ours = load.cores()
+    # another program: a burner that its shell leaves behind, no descendant of this process
+    subprocess.run(["sh", "-c", f"{sys.executable} -c '{burn}' > /dev/null 2>&1 &"], check=True)
+    load = OtherLoad()
+    time.sleep(1.2)
+    others = load.cores()
+    assert ours < 0.4 and others > 0.6, (ours, others)
+
+
 @pytest.mark.parametrize("field", ["steps", "guidance_scale", "seed", "duration_s"])
 def test_numbers_too_large_for_a_float_are_refused_with_the_field_named(field: str) -> None:
     req = GenerateRequest(**{"model": "aud", "prompt": "a tone", field: 10**400})

@@ -16,6 +16,9 @@ from launcher.request import METHOD_LABELS
 # model's BatchStep settings that broke measured 1–16 dB; good ones 25 dB and up).
 QUALITY_FLOOR_DB = 20.0
 
+# Other programs' load (cores, on average) above which the panel says it slowed a parallel run
+OTHER_LOAD_NOTE = 0.08  # an idle machine measures 0.00-0.05; an idle Gradio page in Chromium 0.1
+
 ACTION_COLOURS = {"computed": "#2563eb", "reused": "#cbd5e1", "received": "#16a34a", "precomputed": "#f59e0b"}
 
 
@@ -39,6 +42,24 @@ def _calls(run: RunOutput) -> str:
     return " · ".join(str(c) for c in run.model_calls)
 
 
+def _load(run: RunOutput) -> str:
+    return "—" if run.other_cores is None else f"{run.other_cores:.2f} cores"
+
+
+def load_note(runs: list[RunOutput]) -> str:
+    """A warning when other programs kept a parallel run's machine busy (empty otherwise)."""
+    loaded = [r for r in runs if len(r.stats) > 1 and (r.other_cores or 0.0) >= OTHER_LOAD_NOTE]
+    if not loaded:
+        return ""
+    worst = max(loaded, key=lambda r: r.other_cores or 0.0)
+    return (
+        f"\n\n⚠️ Other programs kept {worst.other_cores:.2f} of a core busy on this machine during the "
+        f"{worst.label} run (a browser open on this machine counts). Its ranks use every core and wait for "
+        "the slowest each window, so that slows it more than a one-rank run; for the figures the benchmark "
+        "gives (`python -m launcher.bench --app`), open the app from another machine or close them."
+    )
+
+
 def run_numbers(run: RunOutput) -> dict[str, Any]:
     return {
         "method": run.method,
@@ -49,6 +70,7 @@ def run_numbers(run: RunOutput) -> dict[str, Any]:
         "model_calls_per_rank": run.model_calls,
         "bytes_communicated": run.bytes_communicated,
         "note": run.note,
+        "other_cores": None if run.other_cores is None else round(run.other_cores, 3),
         "sparsetem": _sparsetem_numbers(run),
     }
 
@@ -128,8 +150,10 @@ def compare_markdown(result: CompareOutput) -> str:
         f"| Bytes communicated | {human_bytes(base.bytes_communicated)} | {human_bytes(fast.bytes_communicated)} |",
         f"| PSNR vs baseline | — | {psnr} |",
         f"| SSIM vs baseline | — | {result.ssim:.4f} |",
+        f"| Other programs' load on this machine | {_load(base)} | {_load(fast)} |",
     ]
     note = f"\n\n⚠️ {fast.note}" if fast.note else ""
+    note += load_note([base, fast])
     note += sparsetem_markdown(fast)
     if result.psnr < QUALITY_FLOOR_DB:
         note += (
@@ -148,8 +172,9 @@ def run_markdown(run: RunOutput) -> str:
         f"| Ideal speedup for these settings | {run.ideal_speedup:.2f}× |",
         f"| Model calls per rank | {_calls(run)} |",
         f"| Bytes communicated | {human_bytes(run.bytes_communicated)} |",
+        f"| Other programs' load on this machine | {_load(run)} |",
     ]
-    note = f"\n\n⚠️ {run.note}" if run.note else ""
+    note = (f"\n\n⚠️ {run.note}" if run.note else "") + load_note([run])
     return "### Latency\n\n" + "\n".join(rows) + note + sparsetem_markdown(run)
 
 
@@ -193,6 +218,7 @@ def race_markdown(result: RaceOutput, info: Mapping[str, MethodInfo]) -> str:
     if any(r.psnr < QUALITY_FLOOR_DB for r in result.results):
         notes.append(f"⚠️ marks a PSNR below {QUALITY_FLOOR_DB:g} dB: visibly different from the baseline.")
     extra = "".join(sparsetem_markdown(r.method) for r in result.results)
+    extra += load_note(result.runs)
     return "### Race\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines + notes) + extra
 
 

@@ -1,0 +1,40 @@
+"""What else this machine ran during a timed run.
+
+A parallel run's ranks use every core and wait for the slowest one each window, so another
+program's load slows it more than a one-rank baseline (Compare clicked in a browser on the same
+2-core machine: 1.49x on the built-in image model, 1.73x through gradio_client with no browser).
+The panel says so with a figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import psutil
+
+BUSY = ("user", "nice", "system", "irq", "softirq")  # guest time is counted in user already
+
+
+class OtherLoad:
+    """Started before a run and read after it: how many cores, on average, programs other than
+    this process and its descendants (the app's peer ranks, its encoders) kept busy meanwhile."""
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        times = psutil.cpu_times()
+        busy = sum(getattr(times, name, 0.0) for name in BUSY)
+        ours = 0.0
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a child that just exited
+                own = proc.cpu_times()  # children_*: its children that exited and were waited for
+                ours += own.user + own.system + own.children_user + own.children_system
+        return time.monotonic(), busy, ours
+
+    def cores(self) -> float:
+        t0, busy0, ours0 = self._start
+        t1, busy1, ours1 = self._read()
+        return max(0.0, (busy1 - busy0 - (ours1 - ours0)) / (t1 - t0)) if t1 > t0 else 0.0
