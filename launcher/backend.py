@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import psutil
+
 import parastep
 from launcher import quality
 from launcher.control import ControlChannel
@@ -86,6 +88,8 @@ class Backend:
         preview_every_s: float = PREVIEW_EVERY_S,
     ) -> None:
         self.topo = topo
+        # what the panel does not count as other programs: our process tree (torchrun's agent's)
+        self.own_tree = psutil.Process().parent() if topo.torchrun else None
         self.preview_every_s = preview_every_s  # 0: no previews
         self.channel = channel
         self.models = models
@@ -263,7 +267,7 @@ class Backend:
         job.events.put(Progress(label, 0, steps))
         timing: dict[str, float] = {}
         note, sparse = "", None
-        load = OtherLoad()
+        load = OtherLoad(self.own_tree)
         if method == "baseline" and not sparsetem:
             out, seconds, stats = self._run_baseline(model, req, on_step, timing)
         elif METHOD_INFO[method].distributed:

@@ -18,10 +18,11 @@ BUSY = ("user", "nice", "system", "irq", "softirq")  # guest time is counted in 
 
 class OtherLoad:
     """Started before a run and read after it: how many cores, on average, programs other than
-    this process and its descendants (the app's peer ranks, its encoders) kept busy meanwhile."""
+    ``ours`` and its descendants kept busy meanwhile. ``ours``: this process (rank 0, which spawns
+    its peer ranks and encoders), or under torchrun its agent, whose children are the local ranks."""
 
-    def __init__(self) -> None:
-        self._me = psutil.Process()
+    def __init__(self, ours: psutil.Process | None = None) -> None:
+        self._me = ours or psutil.Process()
         self._start = self._read()
 
     def _read(self) -> tuple[float, float, float]:
