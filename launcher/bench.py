@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parastep
+from launcher.hostload import steal_share
 from launcher.methods import SPARSETEM_ERROR_TARGET
 from launcher.models import LoadedModel, call_pipeline, extract_media, load_models
 from launcher.quality import psnr, ssim
@@ -625,17 +626,6 @@ def summarise(session: Session, runs: list[Run]) -> list[dict]:
                 )
             )
     return rows
-
-
-def steal_share(before: Any, after: Any) -> float:
-    """The share of this machine's CPU time between two ``psutil.cpu_times()`` readings that the
-    hypervisor gave to other guests (0 where the system does not report it)."""
-
-    def total(t: Any) -> float:  # guest time is counted in user time already
-        return sum(v for k, v in t._asdict().items() if not k.startswith("guest"))
-
-    elapsed = total(after) - total(before)
-    return (getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)) / elapsed if elapsed > 0 else 0.0
 
 
 def _time_split(runs: list[Run], warmup: int) -> dict[str, float]:
